@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import ModelConfig
+from model import Blueberry, LinearCrossEntropy, llama_config, to_llama_state_dict
+
+TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=48)
+LLAMA_SWITCHES = dict(attn_gate=False, qk_norm=False, sandwich_norm=False, embed_scale=False,
+                      zero_init=False, depth_init=False, ffn_mult_first=2.0, ffn_mult_last=2.0)
+
+
+def randomized(model, std=0.2, seed=0):
+    """Fresh models start with zero heads/gains; give every weight a value so tests can see it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return Blueberry(ModelConfig(**{**TINY, **overrides}))
+
+
+@pytest.mark.parametrize("overrides", [{}, LLAMA_SWITCHES, dict(n_kv_heads=4), dict(n_kv_heads=1, tie_embeddings=True)])
+def test_causal(overrides):
+    model = randomized(tiny(**overrides))
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 97
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-5)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides", [{}, LLAMA_SWITCHES])
+def test_kv_cache_equals_full_recompute(overrides):
+    model = randomized(tiny(**overrides))
+    idx = torch.randint(0, 97, (3, 40))
+    full = model(idx)
+    # prompt, then one token at a time
+    cache = model.make_cache(3, 48)
+    steps = [model(idx[:, :10], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(10, 40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    assert cache.pos == 40
+    # uneven chunks
+    cache = model.make_cache(3, 48)
+    chunks = [model(idx[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, 21), (21, 40)]]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = tiny()
+    cache = model.make_cache(1, 16)
+    model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model.make_cache(1, 49)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(sandwich_norm=False)])
+def test_initial_loss_is_log_vocab_and_blocks_start_as_identity(overrides):
+    model = tiny(**overrides)
+    idx = torch.randint(0, 97, (2, 16))
+    logits, loss = model(idx, idx)
+    assert abs(loss.item() - math.log(97)) < 1e-5
+    assert logits.abs().max() == 0
+    x = torch.randn(2, 16, 64)
+    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    for block in model.blocks:
+        torch.testing.assert_close(block(x, cos, sin), x)
+
+
+def test_zero_init_gradients_are_finite_and_reach_every_block():
+    model = tiny()
+    idx = torch.randint(0, 97, (2, 16))
+    for _ in range(2):  # the head is zero at step 0, so take one SGD step first
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() < 100, name
+    assert all(b.post_mlp_norm.weight.grad.abs().sum() > 0 for b in model.blocks)
+
+
+def test_llama_equivalence():
+    transformers = pytest.importorskip("transformers")
+    model = randomized(tiny(**LLAMA_SWITCHES), std=0.1)
+    hf = transformers.LlamaForCausalLM(llama_config(model.cfg)).eval()
+    hf.load_state_dict(to_llama_state_dict(model), strict=True)
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Llama has no equivalent"):
+        to_llama_state_dict(tiny())
+
+
+def test_loss_matches_cross_entropy_with_ignore_index():
+    model = randomized(tiny())
+    idx = torch.randint(0, 97, (2, 24))
+    targets = torch.randint(0, 97, (2, 24))
+    targets[0, :5] = -100
+    logits, loss = model(idx, targets)
+    assert loss.dtype == torch.float32
+    ref = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_fused_cross_entropy_gradients_match_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3000, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 3000, (300,))
+    t[::7] = -100
+    _, loss = LinearCrossEntropy.apply(x, w, t)
+    loss.backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    F.cross_entropy(x @ w.t(), t, ignore_index=-100).backward()
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], w.grad)
+
+
+def test_switches_change_exactly_what_they_should():
+    base = tiny()
+    n = base.num_params()
+    d, hd, nh = 64, 16, 4
+    L = 3
+    assert n - tiny(attn_gate=False).num_params() == L * d * nh * hd
+    assert n - tiny(qk_norm=False).num_params() == L * 2 * hd
+    assert n - tiny(sandwich_norm=False).num_params() == L * 2 * d
+    assert n - tiny(tie_embeddings=True).num_params() == 97 * d
+    assert tiny(tie_embeddings=True).lm_head is None
+    assert base.blocks[0].attn.qkv.weight.shape == (nh * hd + 2 * 2 * hd + nh * hd, d)
+    assert tiny(attn_gate=False).blocks[0].attn.qkv.weight.shape == (nh * hd + 2 * 2 * hd, d)
+    # embed_scale, zero_init, depth_init change values, not shapes
+    assert tiny(embed_scale=False).num_params() == n
+    assert tiny(zero_init=False).lm_head.weight.abs().sum() > 0
+    assert isinstance(tiny(sandwich_norm=False).blocks[0].post_attn_norm, torch.nn.Identity)
+    assert tiny(qk_norm=False).blocks[0].attn.q_norm is None
+
+
+def test_embed_scale_multiplies_input_by_sqrt_d_model():
+    a, b = randomized(tiny()), randomized(tiny(embed_scale=False))
+    idx = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        b.embed.weight.mul_(8.0)  # sqrt(64)
+    torch.testing.assert_close(a(idx), b(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_pyramid_widths_follow_formula():
+    cfg = ModelConfig(vocab_size=10, d_model=256, n_layers=8)
+    widths = [cfg.ffn_hidden(i) for i in range(8)]
+    expected = [64 * math.ceil(256 * (1.5 + 2.5 * i / 7) / 64) for i in range(8)]
+    assert widths == expected and widths[0] == 384 and widths[-1] == 1024
+    assert widths == sorted(widths)
+    model = Blueberry(cfg)
+    assert [b.mlp.down.weight.shape[1] for b in model.blocks] == widths
+    uniform = ModelConfig(vocab_size=10, ffn_mult_first=2.0, ffn_mult_last=2.0)
+    assert {uniform.ffn_hidden(i) for i in range(8)} == {512}
+    assert ModelConfig(vocab_size=10, n_layers=1).ffn_hidden(0) == 384
+    assert ModelConfig(vocab_size=10, d_model=100, n_heads=5, n_kv_heads=1, multiple_of=64).ffn_hidden(0) == 192
+
+
+def test_depth_aware_init_stds_decrease_and_stay_positive():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=10, d_model=256, n_layers=8)
+    model = Blueberry(cfg)
+    target = [cfg.mlp_init_std(i) for i in range(8)]
+    assert target == sorted(target, reverse=True) and min(target) > 0
+    assert target[0] == cfg.init_std_first and target[-1] == cfg.init_std_last
+    measured = [b.mlp.w_in.weight.std().item() for b in model.blocks]
+    for m, t in zip(measured, target):
+        assert abs(m - t) < 0.05 * t
+    assert {ModelConfig(vocab_size=10, depth_init=False).mlp_init_std(i) for i in range(8)} == {0.02}
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(n_heads=3), "n_heads"), (dict(n_kv_heads=3), "n_kv_heads"), (dict(d_model=24, n_heads=8), "n_heads"),
+    (dict(d_model=0), "d_model"), (dict(n_layers=-1), "n_layers"), (dict(ffn_mult_first=0.0), "ffn_mult_first"),
+    (dict(ffn_mult_last=-1.0), "ffn_mult_last"), (dict(init_std_last=0.0), "init_std_last"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_invalid_configs_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        ModelConfig(**{**TINY, **overrides})
+
+
+def test_bf16_autocast_forward_backward_on_cpu():
+    model = randomized(tiny()).train()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    _, ref = model(idx, idx)
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+
+
+def test_summary_mentions_sizes_and_widths():
+    text = tiny().summary()
+    assert "params" in text and "without embeddings" in text and "[128, 192, 256]" in text
