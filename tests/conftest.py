@@ -1,0 +1,49 @@
+"""Shared fixtures: the real scripts run as subprocesses on tiny configs, offline."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never wait on the network
+REPO = Path(__file__).resolve().parent.parent
+
+# A model and corpus small enough that a run of a few dozen steps takes seconds on 2 cores.
+TINY_MODEL = ["--d_model", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "64"]
+TINY_DATA = ["--dataset", "shakespeare", "--tokenizer", "char", "--max_tokens", "120000"]
+TINY_RUN = ["--batch_size", "8", "--max_steps", "40", "--eval_every", "20", "--eval_batches", "4",
+            "--log_every", "5", "--save_every", "20", "--sample_tokens", "20"]
+
+
+def run_script(script, *args, timeout=300, env=None, **kwargs):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def assert_one_line_error(proc, *needles):
+    """A bad input must exit non-zero with a single `error: ...` line and no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One token cache for the whole session, so the corpus is tokenized once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir):
+    """A real tiny training run of run_train.py (char-level Shakespeare); returns its out_dir."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--out_dir", out, "--cache_dir", cache_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out

@@ -1,0 +1,158 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY_DATA, TINY_MODEL, TINY_RUN, assert_one_line_error, run_script
+from run_train import lr_multiplier
+from config import TrainConfig
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out):
+    return [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+
+
+def test_char_run_learns_and_writes_every_output(trained_run):
+    for name in ("model.safetensors", "config.json", "trainer_state.pt", "metrics.jsonl", "loss.png",
+                 "tokenizer/tokenizer.json"):
+        assert (trained_run / name).is_file(), name
+    evals = [r for r in metrics(trained_run) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < 4.0  # ln(vocab ~ 70) = 4.25 at the start
+    assert set(evals[0]) >= {"step", "tokens", "elapsed_s", "val_loss", "val_ppl", "val_acc"}
+    assert evals[-1]["val_acc"] > 0.2
+    assert (trained_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(trained_run / "trainer_state.pt", weights_only=True)
+    assert state["progress"]["step"] == 40
+    weights = load_file(str(trained_run / "model.safetensors"))
+    torch.testing.assert_close(weights["embed.weight"], state["model"]["embed.weight"])
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["model"]["d_model"] == 64 and config["step"] == 40
+
+
+def test_bpe_run_prints_a_sample(tmp_path, cache_dir):
+    proc = run_script("run_train.py", *TINY_MODEL, "--dataset", "shakespeare", "--tokenizer", "bpe:512",
+                      "--max_tokens", "60000", *TINY_RUN, "--max_steps", "30", "--eval_every", "15",
+                      "--out_dir", tmp_path / "out", "--cache_dir", cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "sample:\nROMEO:" in proc.stdout
+    evals = [r["val_loss"] for r in metrics(tmp_path / "out") if "val_loss" in r]
+    assert evals[-1] < evals[0]
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, cache_dir):
+    args = [*TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", "30", "--save_every", "10", "--log_every", "1",
+            "--eval_every", "15", "--sample_tokens", "0", "--cache_dir", cache_dir]
+    straight = tmp_path / "straight"
+    assert run_script("run_train.py", *args, "--out_dir", straight).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_train.py"), *map(str, args), "--out_dir", str(killed)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        state = killed / "trainer_state.pt"
+        rows = (killed / "metrics.jsonl").read_text().splitlines() if (killed / "metrics.jsonl").exists() else []
+        if state.exists() and len(rows) >= 12:  # past the step-10 checkpoint, before the end
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(killed / "trainer_state.pt", weights_only=True)["progress"]["step"]
+    assert 10 <= saved < 30, "the kill should land mid-run"
+
+    resumed = run_script("run_train.py", *args, "--out_dir", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {killed} at step {saved}" in resumed.stdout
+    assert train_losses(killed) == train_losses(straight)  # bit for bit
+    assert [r["val_loss"] for r in metrics(killed) if "val_loss" in r] == \
+           [r["val_loss"] for r in metrics(straight) if "val_loss" in r]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_ends_on_time_with_decay_done(tmp_path, cache_dir):
+    budget = 6.0
+    t0 = time.time()
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", "100000",
+                      "--time_budget", budget, "--eval_every", "100000", "--log_every", "1",
+                      "--out_dir", tmp_path / "out", "--cache_dir", cache_dir)
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert budget <= rows[-1]["elapsed_s"] < budget + 2.0
+    assert rows[-1]["lr"] < 0.1 and max(r["lr"] for r in rows) == 1.0  # warmed up, then decayed
+    assert wall < budget + 60
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path, cache_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", "12",
+                           "--eval_every", "6", "--save_every", "6", "--out_dir", str(tmp_path / "out"),
+                           "--cache_dir", str(cache_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "weights identical on all 2 ranks" in proc.stdout
+    assert "2 processes" in proc.stdout
+    assert proc.stdout.count("final (step 12") == 1  # only rank 0 prints
+    rows = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    assert rows[-1]["tokens"] == 12 * 8 * 64 * 2
+
+
+def test_lr_schedule_warms_up_holds_and_decays():
+    cfg = TrainConfig(warmup_frac=0.1, decay_frac=0.5, min_lr_frac=0.1)
+    assert lr_multiplier(0.05, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(0.3, cfg) == 1.0
+    assert lr_multiplier(0.75, cfg) == pytest.approx(0.55)
+    assert lr_multiplier(1.0, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--n_heads", "3"], "n_heads"),
+    (["--d_model", "abc"], "--d_model"),
+    (["--no_such_field", "1"], "--no_such_field"),
+    (["--dataset", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--optimizer", "sgd"], "optimizer"),
+    (["--compile", "maybe"], "--compile"),
+])
+def test_bad_input_is_one_line(tmp_path, cache_dir, args, needle):
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--out_dir", tmp_path / "out",
+                      "--cache_dir", cache_dir, *args, timeout=120)
+    assert_one_line_error(proc, needle)
+
+
+def test_empty_data_is_one_line(tmp_path, cache_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = run_script("run_train.py", *TINY_MODEL, "--dataset", empty, "--tokenizer", "char", *TINY_RUN,
+                      "--out_dir", tmp_path / "out", "--cache_dir", cache_dir)
+    assert_one_line_error(proc)
+
+
+def test_resume_with_nothing_to_resume(tmp_path, cache_dir):
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--out_dir", tmp_path / "none",
+                      "--cache_dir", cache_dir, "--resume")
+    assert_one_line_error(proc, "nothing to resume")
+
+
+def test_resume_refuses_a_mismatched_checkpoint(trained_run, tmp_path, cache_dir):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(trained_run, out)
+    args = [a if a != "64" else "32" for a in TINY_MODEL]  # d_model 32 and max_seq_len 32
+    proc = run_script("run_train.py", *args, *TINY_DATA, *TINY_RUN, "--out_dir", out, "--cache_dir", cache_dir,
+                      "--resume")
+    assert_one_line_error(proc, "d_model=64 (asked 32)")
