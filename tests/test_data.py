@@ -1,0 +1,418 @@
+"""Tests for data.py: sources, tokenizers, the token cache, the split and the batch iterators.
+
+Offline by construction: HF_HUB_OFFLINE=1 is set before anything imports huggingface_hub,
+and every text is written by the test into tmp_path.
+"""
+
+import io
+import json
+import os
+import random
+import time
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import data
+from config import TrainConfig
+from data import BatchIterator, DataError, decode, encode, eval_batches, load_tokenizer, prepare_data, save_tokenizer
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls hum softly near old oak trees".split()
+
+
+def make_text(n_lines, seed=0, tag="L"):
+    """Lines that are each unique (numbered), so overlap between splits is easy to see."""
+    rng = random.Random(seed)
+    return "".join(f"{tag}{i:05d} " + " ".join(rng.choice(WORDS) for _ in range(8)) + "\n" for i in range(n_lines))
+
+
+def make_cfg(tmp_path, dataset, tokenizer="char", **overrides):
+    return TrainConfig(dataset=str(dataset), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), **overrides)
+
+
+def one_line_error(excinfo, *words):
+    message = str(excinfo.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def documents(d):
+    """All tokens (train then val) split into documents at EOS, decoded."""
+    ids = np.concatenate([d.train_tokens, d.val_tokens]).tolist()
+    docs, start = [], 0
+    for i, t in enumerate(ids):
+        if t == d.eos_id:
+            docs.append(decode(d.tokenizer, ids[start:i]))
+            start = i + 1
+    return docs
+
+
+# ----------------------------------------------------------------------------- sources
+
+def test_txt_file_char_splits_by_tokens(tmp_path):
+    text = make_text(400)
+    (tmp_path / "input.txt").write_text(text)
+    d = prepare_data(make_cfg(tmp_path, tmp_path / "input.txt", val_fraction=0.1), max_seq_len=32)
+    assert d.source.startswith("input.txt (1 file) + char")
+    assert d.vocab_size == len(d.tokenizer) == len(set(text)) + 2  # + EOS and UNK
+    assert d.train_tokens.dtype == np.uint16
+    all_ids = np.concatenate([d.train_tokens, d.val_tokens])
+    assert all_ids[-1] == d.eos_id and (all_ids == d.eos_id).sum() == 1  # one document, one EOS
+    assert decode(d.tokenizer, all_ids) == text
+    assert abs(len(d.val_tokens) - len(all_ids) * 0.1) <= 1  # the last val_fraction of the tokens
+    assert d.sample_prompt and all(word in text for word in d.sample_prompt.split())
+
+
+def test_folder_of_txt_files_bpe(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    texts = [make_text(120, seed=i, tag=f"F{i}") for i in range(4)]
+    for i, text in enumerate(texts):
+        (folder / f"part{i}.txt").write_text(text)
+    (folder / "README.md").write_text("not text data")  # other file types in a folder are ignored
+    d = prepare_data(make_cfg(tmp_path, folder, "bpe:300", val_fraction=0.25), max_seq_len=32)
+    assert d.source == "corpus (4 files) + bpe:300" and d.vocab_size <= 300
+    assert documents(d) == texts  # one document per file, each ending with EOS
+    assert decode(d.tokenizer, d.val_tokens) == texts[-1]  # the last val_fraction of the documents
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_table_files(tmp_path, suffix):
+    rows = [{"id": i, "text": make_text(6, seed=i, tag=f"R{i}")} for i in range(50)]
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        pd.DataFrame(rows).to_csv(path, index=False)
+    d = prepare_data(make_cfg(tmp_path, path, val_fraction=0.1), max_seq_len=16)
+    assert documents(d) == [r["text"] for r in rows]
+    assert decode(d.tokenizer, d.val_tokens) == "".join(r["text"] for r in rows[45:])  # last 5 rows
+
+
+def test_own_validation_split_and_text_column(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    train = [make_text(8, seed=i, tag="T") for i in range(20)]
+    val = [make_text(8, seed=100 + i, tag="V") for i in range(3)]  # 'V' only in validation
+    (folder / "train.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in train))
+    (folder / "validation.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in val))
+    d = prepare_data(make_cfg(tmp_path, folder, text_column="body"), max_seq_len=16)
+    assert decode(d.tokenizer, d.train_tokens) == "".join(train)
+    # the vocabulary comes from the training split only: 'V' is unknown
+    assert encode(d.tokenizer, "V") == [d.tokenizer.unk_token_id]
+    assert decode(d.tokenizer, d.val_tokens) == "".join(val).replace("V", "")
+
+
+def test_local_tokenizer_folder(tmp_path):
+    (tmp_path / "a.txt").write_text(make_text(300))
+    first = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "bpe:320"), max_seq_len=32)
+    save_tokenizer(first.tokenizer, tmp_path / "tok")
+    # a tokenizer.json that truncates (some hub ones do) must not cut documents short
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    d = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", str(tmp_path / "tok")), max_seq_len=32)
+    assert d.source.endswith("+ tokenizer " + str(tmp_path / "tok"))
+    assert d.vocab_size == first.vocab_size and d.eos_id == first.eos_id
+    np.testing.assert_array_equal(d.train_tokens, first.train_tokens)
+
+
+def test_tokenizer_without_eos_gets_one(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator([make_text(100)], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "noeos")
+    (tmp_path / "a.txt").write_text(make_text(300))
+    d = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", str(tmp_path / "noeos")), max_seq_len=32)
+    assert d.tokenizer.eos_token == "<|endoftext|>" and d.eos_id == d.vocab_size - 1 == 300
+    assert d.val_tokens[-1] == d.eos_id
+
+
+def test_embedded_corpus_is_clean_text(tmp_path):
+    plays = [data.clean_play(f.read_text(encoding="utf-8")) for f in data._shakespeare_files()]
+    assert len(plays) >= 36
+    text = "".join(plays)
+    assert len(text) > 4_000_000
+    for markup in ("**", "#", "_", "  \n", "\\[", "\n\n\n"):
+        assert markup not in text, markup
+    assert "ROMEO:\n" in text and "To be, or not to be" in text and "Othello\n\nACT I\n" in text
+    d = prepare_data(make_cfg(tmp_path, "shakespeare", max_tokens=20_000), max_seq_len=64)
+    assert d.source.startswith("shakespeare (embedded, ") and d.sample_prompt == "ROMEO:"
+    assert len(d.train_tokens) + len(d.val_tokens) == 20_000
+    assert encode(d.tokenizer, "ROMEO:") != []
+
+
+def test_chunked_tokenization_matches_and_respects_max_tokens(tmp_path, monkeypatch):
+    text = make_text(500)
+    (tmp_path / "a.txt").write_text(text)
+    whole = prepare_data(make_cfg(tmp_path / "1", tmp_path / "a.txt"), max_seq_len=16)
+    monkeypatch.setattr(data, "PIECE_CHARS", 50)
+    monkeypatch.setattr(data, "BATCH_CHARS", 300)
+    long_line = "x" * 500 + "\n" + "y\n" * 100
+    pieces = list(data._pieces(long_line))
+    assert "".join(pieces) == long_line and max(map(len, pieces)) <= 100
+    chunked = prepare_data(make_cfg(tmp_path / "2", tmp_path / "a.txt"), max_seq_len=16)
+    np.testing.assert_array_equal(chunked.train_tokens, whole.train_tokens)
+    np.testing.assert_array_equal(chunked.val_tokens, whole.val_tokens)
+    capped = prepare_data(make_cfg(tmp_path / "3", tmp_path / "a.txt", max_tokens=1000), max_seq_len=16)
+    assert len(capped.train_tokens) + len(capped.val_tokens) == 1000
+
+
+def test_large_vocab_uses_uint32(tmp_path):
+    text = "".join([chr(c) for c in range(0x4E00, 0x30000) if chr(c).isprintable()][:66_000]) * 2
+    (tmp_path / "wide.txt").write_text(text)
+    d = prepare_data(make_cfg(tmp_path, tmp_path / "wide.txt"), max_seq_len=16)
+    assert d.vocab_size > 65536 and d.train_tokens.dtype == np.uint32
+    assert decode(d.tokenizer, np.concatenate([d.train_tokens, d.val_tokens])) == text
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+@pytest.mark.parametrize("kind", ["char", "bpe:300"])
+def test_tokenizer_round_trip(tmp_path, kind):
+    # the special characters go first: the vocabulary comes from the training text only,
+    # and the end of a single file is validation
+    (tmp_path / "a.txt").write_text("tabs\tand ünïcödé, — and!\r\nmore\n" + make_text(300))
+    tok = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", kind), max_seq_len=16).tokenizer
+    save_tokenizer(tok, tmp_path / "out")
+    loaded = load_tokenizer(tmp_path / "out")
+    sample = "L00001 the quick brown fox\n\n  jumps, over ünïcödé\ttabs!\n"
+    assert encode(loaded, sample) == encode(tok, sample)
+    assert decode(loaded, encode(loaded, sample)) == sample
+    assert len(loaded) == len(tok) and loaded.eos_token_id == tok.eos_token_id
+    assert loaded.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
+def test_char_tokenizer_maps_unseen_characters_to_unk(tmp_path):
+    (tmp_path / "a.txt").write_text(make_text(200))
+    tok = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt"), max_seq_len=16).tokenizer
+    assert encode(tok, "Zé") == [tok.unk_token_id] * 2  # make_text has neither
+
+
+# ----------------------------------------------------------------------------- cache
+
+def test_cache_is_reused_without_tokenizing(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text(make_text(400))
+    cfg = make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300")
+    first = prepare_data(cfg, max_seq_len=32)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("re-tokenized although the cache was complete")
+
+    monkeypatch.setattr(data, "_write_tokens", fail)
+    monkeypatch.setattr(data, "_build_tokenizer", fail)
+    start = time.perf_counter()
+    second = prepare_data(cfg, max_seq_len=32)
+    assert time.perf_counter() - start < 1.0
+    np.testing.assert_array_equal(second.train_tokens, first.train_tokens)
+    np.testing.assert_array_equal(second.val_tokens, first.val_tokens)
+    assert isinstance(second.train_tokens, np.memmap)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    # a different max_seq_len reuses the same entry: the split is applied at load time
+    prepare_data(cfg, max_seq_len=48)
+
+
+def test_half_written_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text(make_text(400))
+    cfg = make_cfg(tmp_path, tmp_path / "a.txt")
+    first = prepare_data(cfg, max_seq_len=32)
+    expected_train, expected_val = np.array(first.train_tokens), np.array(first.val_tokens)
+    del first  # its memmap must not see the file being corrupted below
+    (meta,) = (tmp_path / "cache" / "tokens").glob("*.json")
+    calls = []
+    real = data._write_tokens
+    monkeypatch.setattr(data, "_write_tokens", lambda *a: calls.append(1) or real(*a))
+
+    meta.unlink()  # as if killed between writing the tokens and the metadata
+    meta.with_suffix(".bin").write_bytes(b"\x01\x02\x03")
+    again = prepare_data(cfg, max_seq_len=32)
+    assert calls and meta.exists()
+    np.testing.assert_array_equal(again.train_tokens, expected_train)
+
+    calls.clear()  # metadata present but the token file is truncated: also not used
+    del again
+    with open(meta.with_suffix(".bin"), "r+b") as f:
+        f.truncate(10)
+    again = prepare_data(cfg, max_seq_len=32)
+    assert calls
+    np.testing.assert_array_equal(again.val_tokens, expected_val)
+
+
+def test_changed_file_is_retokenized(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(make_text(300))
+    cfg = make_cfg(tmp_path, path)
+    first = prepare_data(cfg, max_seq_len=16)
+    path.write_text(make_text(300, seed=1))
+    second = prepare_data(cfg, max_seq_len=16)
+    assert decode(second.tokenizer, second.train_tokens) != decode(first.tokenizer, first.train_tokens)
+
+
+# ----------------------------------------------------------------------------- split and batches
+
+def test_split_has_no_overlap(tmp_path):
+    (tmp_path / "a.txt").write_text(make_text(600))
+    d = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", val_fraction=0.2), max_seq_len=24)
+    train_lines = set(decode(d.tokenizer, d.train_tokens).split("\n"))
+    val_lines = set(decode(d.tokenizer, d.val_tokens).split("\n")[1:-1])  # drop the line cut by the split
+    assert val_lines and not train_lines & val_lines
+    assert not np.shares_memory(d.train_tokens, d.val_tokens)
+    train_text, batches = decode(d.tokenizer, d.train_tokens), BatchIterator(d.train_tokens, 8, 24, seed=0)
+    for _ in range(20):  # every training window lies inside the train array
+        x, y = batches.next_batch()
+        assert all(decode(d.tokenizer, row.tolist()) in train_text for row in torch.cat([x, y[:, -1:]], 1))
+
+
+def test_too_short_validation_part_grows_to_one_window(tmp_path):
+    rows = [{"text": f"doc {i} is short\n"} for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = prepare_data(make_cfg(tmp_path, tmp_path / "a.jsonl"), max_seq_len=64)
+    assert len(d.val_tokens) >= 65
+
+
+def test_batches_shapes_shift_and_ranks(tmp_path):
+    tokens = np.arange(10_000, dtype=np.uint16)
+    x, y = BatchIterator(tokens, 4, 16, seed=1).next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
+    rank0 = BatchIterator(tokens, 4, 16, seed=1, rank=0, world_size=2).next_batch()[0]
+    rank1 = BatchIterator(tokens, 4, 16, seed=1, rank=1, world_size=2).next_batch()[0]
+    assert torch.equal(rank0, BatchIterator(tokens, 4, 16, seed=1, rank=0, world_size=2).next_batch()[0])
+    assert not torch.equal(rank0, rank1)
+    assert not torch.equal(rank0, BatchIterator(tokens, 4, 16, seed=2).next_batch()[0])
+
+
+def test_iterator_state_restores_the_same_batches():
+    tokens = np.random.default_rng(0).integers(0, 500, 5000).astype(np.uint16)
+    batches = BatchIterator(tokens, 4, 32, seed=7)
+    for _ in range(3):
+        batches.next_batch()
+    buffer = io.BytesIO()
+    torch.save({"data": batches.state_dict()}, buffer)
+    expected = [batches.next_batch() for _ in range(3)]
+    buffer.seek(0)
+    resumed = BatchIterator(tokens, 4, 32, seed=999)  # the state carries the seed
+    resumed.load_state_dict(torch.load(buffer, weights_only=True)["data"])
+    for (x, y), (ex, ey) in zip((resumed.next_batch() for _ in range(3)), expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_eval_batches_are_fixed_and_spread():
+    tokens = np.arange(1001, dtype=np.uint16)
+    everything = list(eval_batches(tokens, 8, 10))
+    xs = torch.cat([x for x, _ in everything])
+    assert len(xs) == 100 and torch.equal(xs.flatten(), torch.arange(1000))  # non-overlapping, all of it
+    assert torch.equal(torch.cat([y for _, y in everything]).flatten(), torch.arange(1, 1001))
+    sample = list(eval_batches(tokens, 4, 10, max_batches=3))
+    again = list(eval_batches(tokens, 4, 10, max_batches=3))
+    assert len(sample) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(sample, again))
+    starts = torch.cat([x[:, 0] for x, _ in sample])
+    assert len(set(starts.tolist())) == 12 and starts.max() > 800  # spread over the split
+
+
+# ----------------------------------------------------------------------------- offline hub defaults
+
+def test_hub_defaults_fall_back_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "DEFAULT_BPE_VOCAB", 300)  # the real default takes seconds to train
+    start = time.perf_counter()
+    d = prepare_data(TrainConfig(cache_dir=str(tmp_path / "cache"), max_tokens=20_000), max_seq_len=64)
+    assert time.perf_counter() - start < 30
+    lines = [line for line in capsys.readouterr().out.splitlines() if "falling back" in line]
+    assert len(lines) == 1 and "shakespeare" in lines[0] and "bpe" in lines[0], lines
+    assert d.source.startswith("shakespeare (embedded") and d.source.endswith("+ bpe:300")
+
+
+def test_non_default_hub_ids_offline_are_errors(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(make_text(100))
+    for tokenizer in ("char", TrainConfig.tokenizer):  # with the default tokenizer too: no fallback
+        with pytest.raises(DataError) as e:
+            prepare_data(make_cfg(tmp_path, "someone/some-dataset", tokenizer), max_seq_len=16)
+        one_line_error(e, "someone/some-dataset", "HF_HUB_OFFLINE")
+    with pytest.raises(DataError) as e:
+        prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "someone/some-tokenizer"), max_seq_len=16)
+    one_line_error(e, "someone/some-tokenizer")
+    assert "falling back" not in capsys.readouterr().out
+
+
+def test_hub_ids_with_a_stand_in_hub_then_offline_from_cache(tmp_path, monkeypatch):
+    import datasets
+    import transformers
+    (tmp_path / "a.txt").write_text(make_text(300))
+    save_tokenizer(prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300"), 16).tokenizer, tmp_path / "tok")
+    train, test = [make_text(5, seed=i) for i in range(30)], [make_text(5, seed=100 + i) for i in range(4)]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                                   "test": datasets.Dataset.from_dict({"text": test})})
+    real_from_pretrained = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(data, "_require_hub", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kwargs: splits if name == "someone/ds" else 1 / 0)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kwargs: real_from_pretrained(
+        str(tmp_path / "tok") if name == "someone/tok" else name, **kwargs))
+    cfg = make_cfg(tmp_path, "someone/ds", "someone/tok")
+    d = prepare_data(cfg, max_seq_len=16)
+    assert d.source == "someone/ds + someone/tok"
+    assert documents(d) == train + test and decode(d.tokenizer, d.val_tokens) == "".join(test)
+
+    def offline():
+        raise data._HubUnreachable("offline")
+
+    monkeypatch.setattr(data, "_require_hub", offline)  # a second run needs no network at all
+    again = prepare_data(cfg, max_seq_len=16)
+    np.testing.assert_array_equal(again.val_tokens, d.val_tokens)
+
+
+def test_hub_probe_answers_quickly(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    start = time.perf_counter()
+    data._probe_hub.__wrapped__()  # reachable or not, it must not hang
+    assert time.perf_counter() - start < 5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_raise_one_line_errors(tmp_path):
+    (tmp_path / "ok.txt").write_text(make_text(50))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "notes.docx").write_text("binary, really")
+    (tmp_path / "tiny.txt").write_text("hello there\n")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    (tmp_path / "body.jsonl").write_text(json.dumps({"body": "text"}) + "\n")
+    (tmp_path / "numbers.jsonl").write_text(json.dumps({"text": 5}) + "\n")
+    (tmp_path / "latin1.txt").write_bytes(make_text(50).encode() + "café".encode("latin-1"))
+    (tmp_path / "empty_dir").mkdir()
+    for folder, files in {"mixed": ["a.txt", "b.csv"], "val_only": ["validation.txt"]}.items():
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).write_text("text\nsome text\n")
+    cases = [
+        (tmp_path / "missing.txt", "char", ["does not exist"]),
+        (tmp_path / "notes.docx", "char", ["unsupported file type", ".docx"]),
+        (tmp_path / "empty.txt", "char", ["empty"]),
+        (tmp_path / "empty_dir", "char", ["no .txt"]),
+        (tmp_path / "blank.jsonl", "char", ["no text"]),
+        (tmp_path / "blank.jsonl", "bpe:300", ["no text"]),
+        (tmp_path / "tiny.txt", "char", ["too short", "max_seq_len"]),
+        (tmp_path / "body.jsonl", "char", ["no column 'text'", "body", "--text_column"]),
+        (tmp_path / "numbers.jsonl", "char", ["not text", "--text_column"]),
+        (tmp_path / "latin1.txt", "bpe:300", ["not UTF-8"]),
+        (tmp_path / "mixed", "char", ["mixes file types"]),
+        (tmp_path / "val_only", "char", ["train*"]),
+        (tmp_path / "ok.txt", str(tmp_path / "no_such_tokenizer"), ["does not exist"]),
+        (tmp_path / "ok.txt", "bpe:100", ["more than 256"]),
+    ]
+    for dataset, tokenizer, words in cases:
+        with pytest.raises(DataError) as e:
+            prepare_data(make_cfg(tmp_path, dataset, tokenizer), max_seq_len=64)
+        one_line_error(e, *words)
+    with pytest.raises(DataError) as e:
+        load_tokenizer(tmp_path / "nowhere")
+    one_line_error(e, "nowhere")
