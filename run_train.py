@@ -29,7 +29,7 @@ import checkpoint
 import data
 from config import parse_args
 from model import Blueberry
-from muon import build_optimizers, set_muon_momentum
+from muon import build_optimizers, default_ns_dtype, set_muon_momentum
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for the MFU readout; unknown GPUs show no MFU.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -67,15 +67,6 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run natively (and measure faster than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """bf16 on GPUs of capability >= 8.0 and native-bf16 CPUs, fp16 + scaler on older GPUs (T4)."""
     if requested != "auto":
@@ -83,12 +74,11 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
         if chosen == torch.float16 and device.type == "cpu":
             raise TrainError("dtype fp16 is not supported on CPU; use --dtype bf16 or fp32")
         return chosen
-    if device.type == "cuda":
-        # decide by capability: is_bf16_supported() says True on a T4, where bf16 is emulated and slow
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    # The same hardware rule as Muon's Newton-Schulz: by capability, since is_bf16_supported()
+    # says True on a T4, where bf16 is emulated and slow; on CPU, AVX512-BF16 or AMX.
+    if default_ns_dtype(device) == torch.bfloat16:
         return torch.bfloat16
-    return torch.float32
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def mfu_peak(device: torch.device) -> float | None:

@@ -1,0 +1,280 @@
+"""Muon for the hidden matrices, AdamW for everything else.
+
+Muon (MomentUm Orthogonalized by Newton-Schulz, https://kellerjordan.github.io/posts/muon/)
+takes SGD-Nesterov momentum and replaces each matrix update by a nearby semi-orthogonal
+matrix, computed with five steps of a quintic Newton-Schulz iteration. For the same
+settings it takes the same steps as `torch.optim.Muon`, and adds:
+
+- speed: same-shape matrices are orthogonalized together, in one batched call;
+- fused weights: a parameter with a `muon_split` attribute (row counts summing to
+  size(0), e.g. the fused QKV weight) is orthogonalized per projection, as if each
+  projection were its own parameter;
+- distribution: under torch.distributed each rank orthogonalizes its share of the
+  matrices and the results are all-gathered, so every rank takes the same step.
+"""
+
+import functools
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic that maximizes the slope at zero (Keller Jordan)
+NS_EPS = 1e-7  # floor of the Frobenius norm, as in torch.optim.Muon
+ADJUST_LR = ("original", "match_rms_adamw")
+MOMENTUM_WARMUP_START = 0.85
+
+# torch 2.10+ renamed all_gather_into_tensor (and warns on the old name); older torch has only the old one.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@functools.lru_cache(maxsize=None)
+def default_ns_dtype(device: torch.device | str) -> torch.dtype:
+    """The Newton-Schulz dtype for `device`: bf16 where the hardware multiplies it natively.
+
+    CUDA: compute capability 8.0+ (a T4 is 7.5 and only emulates bf16, slowly). CPU: AVX512-BF16
+    or AMX; on such a CPU (a 2-core Zen 4, see bench_muon_part.py) a bf16 step takes ~0.45x
+    the time of an fp32 one, with the same spread of singular values, because the iteration
+    itself only lands them in ~[0.7, 1.2]. Decided by the hardware and not by timing at run
+    time, so that a run and its resume follow the same numerical path.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+    elif device.type == "cpu" and hasattr(torch.cpu, "get_capabilities"):
+        caps = torch.cpu.get_capabilities()
+        native = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    else:
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Orthogonalize G (..., rows, cols): U S V^T -> ~U V^T, for every matrix in the leading dims.
+
+    Five quintic steps do not converge to U V^T but to U S' V^T with S' in ~[0.7, 1.2], which
+    trains as well and costs far fewer steps. The iteration runs on the wide orientation so
+    that the Gram matrix X X^T is the smaller square. Returns `dtype` (default: see
+    default_ns_dtype), the same as torch.optim.Muon returns bf16.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"zeropower_via_newtonschulz5 needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFS
+    tall = G.size(-2) > G.size(-1)
+    X = G.to(dtype or default_ns_dtype(G.device))
+    X = X.mT if tall else X
+    wide_shape = X.shape
+    X = X.reshape(-1, *wide_shape[-2:])
+    # Frobenius norm >= spectral norm, so every singular value starts in [0, 1], where the iteration works.
+    norm = X.norm(dim=(-2, -1), keepdim=True).clamp_min(NS_EPS)
+    # Two buffers for X and one each for A and B, reused by every step: on CPU each fresh large
+    # allocation costs page faults, a fifth of the iteration's time at this size.
+    X = torch.div(X, norm, out=torch.empty(X.shape, dtype=X.dtype, device=X.device))
+    Y = torch.empty_like(X)
+    A = X.new_empty(X.size(0), X.size(1), X.size(1))
+    B = torch.empty_like(A)
+    for _ in range(steps):
+        torch.bmm(X, X.mT, out=A)
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)  # b A + c A^2
+        torch.baddbmm(X, B, X, beta=a, out=Y)  # a X + B X
+        X, Y = Y, X
+    X = X.reshape(wide_shape)
+    return X.mT if tall else X
+
+
+def adjusted_lr(lr: float, rows: int, cols: int, adjust_lr: str) -> float:
+    """Scale lr so updates of different shapes have comparable size (torch.optim.Muon's rules)."""
+    if adjust_lr == "original":  # Keller Jordan: sqrt(rows / cols) for tall matrices
+        return lr * math.sqrt(max(1.0, rows / cols))
+    return lr * 0.2 * math.sqrt(max(rows, cols))  # Moonshot: match AdamW's update RMS (~0.2)
+
+
+def _check_matrix(p: torch.Tensor) -> None:
+    """Refuse, at construction, what step() could not orthogonalize."""
+    shape = tuple(p.shape)
+    if p.layout != torch.strided:
+        raise ValueError(f"Muon cannot optimize a sparse parameter (shape {shape}); give it to AdamW")
+    if not p.is_floating_point():
+        kind = "complex" if p.is_complex() else str(p.dtype)
+        raise ValueError(f"Muon needs a real floating-point parameter, got a {kind} one (shape {shape})")
+    if p.ndim != 2:
+        raise ValueError(f"Muon only optimizes 2-D matrices, got a parameter of shape {shape}; give it to AdamW")
+    split = getattr(p, "muon_split", None)
+    if split is not None and (not all(isinstance(n, int) and n > 0 for n in split) or sum(split) != p.size(0)):
+        raise ValueError(f"muon_split {split!r} must be positive row counts summing to size(0)={p.size(0)}")
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: Nesterov momentum whose 2-D update is orthogonalized by Newton-Schulz.
+
+    Per step and parameter (as torch.optim.Muon): buf = lerp(buf, grad, 1 - momentum);
+    update = lerp(grad, buf, momentum) with nesterov, else buf; p *= 1 - lr * weight_decay;
+    p -= adjusted_lr(lr, piece shape) * NS(update piece) for each `muon_split` piece (the
+    whole matrix when there is no such attribute). `ns_dtype` picks the Newton-Schulz
+    precision (default: default_ns_dtype of the parameters' device).
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 weight_decay: float = 0.0, adjust_lr: str = "original", ns_dtype: torch.dtype | None = None):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not (isinstance(ns_steps, int) and ns_steps >= 1):
+            raise ValueError(f"ns_steps must be a positive integer, got {ns_steps!r}")
+        if adjust_lr not in ADJUST_LR:
+            raise ValueError(f"adjust_lr must be one of {ADJUST_LR}, got {adjust_lr!r}")
+        self.ns_dtype = ns_dtype
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, adjust_lr=adjust_lr)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor):  # anything else: the base class raises its TypeError
+                _check_matrix(p)
+        super().add_param_group({**param_group, "params": params})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if any(p.grad.is_sparse for p in params):
+            raise ValueError("Muon does not support sparse gradients")
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        bufs = [self._momentum_buffer(p) for p in params]
+        # Every rank keeps every buffer: gradients are already averaged, and the state must match everywhere.
+        torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
+        # Each ortho group's outputs arrive (all-gathered under torch.distributed) while the next is computed.
+        pending = [self._orthogonalize(pieces, group) for pieces in _same_shape_pieces(params, bufs).values()]
+        if wd > 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        for pieces, ortho, work in pending:
+            if work is not None:
+                work.wait()
+            ortho = ortho.to(pieces[0].param.dtype)  # one cast per group instead of one inside every add_
+            for piece, update in zip(pieces, ortho):
+                rows, cols = piece.shape
+                piece.target.add_(update.mT if piece.tall else update, alpha=-adjusted_lr(lr, rows, cols, group["adjust_lr"]))
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["momentum_buffer"]
+
+    def _orthogonalize(self, pieces: list, group: dict):
+        """Orthogonalize this rank's share of `pieces` (all one wide shape) and start gathering the rest.
+
+        Returns (pieces, ortho, work): ortho[i] is piece i's update in the wide orientation once
+        `work` (None when there is nothing to wait for) has completed.
+        """
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        share = math.ceil(len(pieces) / world)  # the last ranks' shares are padded to this size
+        mine = pieces[rank * share:(rank + 1) * share]
+        param = pieces[0].param
+        dtype = self.ns_dtype or default_ns_dtype(param.device)
+        rows, cols = pieces[0].wide_shape
+        stack = torch.empty(len(mine), rows, cols, dtype=dtype, device=param.device)
+        for piece, slot in zip(mine, stack):
+            # one pass: Nesterov blend (only for this rank's share), cast to the NS dtype, tall pieces turned wide
+            slot = slot.mT if piece.tall else slot
+            if group["nesterov"]:
+                torch.lerp(piece.grad, piece.buf, group["momentum"], out=slot)
+            else:
+                slot.copy_(piece.buf)
+        if mine:
+            stack = zeropower_via_newtonschulz5(stack, group["ns_steps"], dtype)
+        if world == 1:
+            return pieces, stack, None
+        if len(mine) < share:  # pad to the common share size; the padding is sent, never read
+            stack = torch.cat([stack, stack.new_zeros(share - len(mine), rows, cols)])
+        gathered = stack.new_empty(world * share, rows, cols)
+        return pieces, gathered, _all_gather(gathered, stack.contiguous(), async_op=True)
+
+
+class _Piece:
+    """A row block of one parameter (the whole matrix without `muon_split`) and its views."""
+
+    def __init__(self, param: torch.Tensor, buf: torch.Tensor, start: int, length: int):
+        self.param = param
+        self.target = param.narrow(0, start, length)
+        self.grad = param.grad.narrow(0, start, length)
+        self.buf = buf.narrow(0, start, length)
+        self.shape = (length, param.size(1))
+        self.tall = length > param.size(1)
+        self.wide_shape = (min(self.shape), max(self.shape))
+
+
+def _same_shape_pieces(params: list, bufs: list) -> dict:
+    """Pieces grouped by wide shape, so a tall piece batches with the wide ones it transposes to."""
+    groups = defaultdict(list)
+    for p, buf in zip(params, bufs):
+        start = 0
+        for length in getattr(p, "muon_split", None) or (p.size(0),):
+            piece = _Piece(p, buf, start, length)
+            groups[(piece.wide_shape, p.device, p.dtype)].append(piece)
+            start += length
+    return groups
+
+
+def set_muon_momentum(optimizers: list, step: int, train_cfg) -> float:
+    """Momentum warmup: 0.85 -> train_cfg.muon_momentum over muon_momentum_warmup_steps; returns the value.
+
+    A lower momentum early averages over fewer steps while the gradients still change fast.
+    """
+    warmup = train_cfg.muon_momentum_warmup_steps
+    frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
+    momentum = MOMENTUM_WARMUP_START + frac * (train_cfg.muon_momentum - MOMENTUM_WARMUP_START)
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = momentum
+    return momentum
+
+
+def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
+    """[Muon, AdamW] (or [AdamW] when train_cfg.optimizer == "adamw") over the trainable parameters.
+
+    Muon takes the 2-D weights inside `model.blocks`. AdamW takes the rest: embeddings and
+    lm_head (whose rows are per-token vectors, not a linear map Muon should orthogonalize),
+    norms and every 1-D parameter. Weight decay applies to AdamW's matrices only; decaying
+    norm gains and biases only pulls them off their useful values. Each group records its
+    base lr as "initial_lr" so the loop can apply a schedule: g["lr"] = g["initial_lr"] * mult.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() visits a shared tensor once
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    use_muon = train_cfg.optimizer == "muon"
+    hidden = [p for p in params if use_muon and p.ndim == 2 and id(p) in in_blocks]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in hidden_ids]
+    groups = [dict(params=[p for p in rest if p.ndim >= 2], weight_decay=train_cfg.weight_decay),
+              dict(params=[p for p in rest if p.ndim < 2], weight_decay=0.0)]
+    optimizers = []
+    if hidden:
+        optimizers.append(Muon(hidden, lr=train_cfg.muon_lr, momentum=train_cfg.muon_momentum,
+                               weight_decay=train_cfg.muon_weight_decay))
+    if rest:
+        optimizers.append(torch.optim.AdamW([g for g in groups if g["params"]], lr=train_cfg.adamw_lr,
+                                            betas=(train_cfg.adamw_beta1, train_cfg.adamw_beta2),
+                                            fused=all(p.is_cuda for p in rest)))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers

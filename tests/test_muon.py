@@ -1,0 +1,282 @@
+import io
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from config import TrainConfig
+from muon import Muon, build_optimizers, set_muon_momentum, zeropower_via_newtonschulz5
+
+# square, wide, tall, and shape groups that batch: two 24x24, and two tall 40x16 with a wide 16x40
+SHAPES = [(24, 24), (16, 40), (40, 16), (24, 24), (40, 16)]
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
+def make_params(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(shape, generator=gen) * 0.1) for shape in shapes]
+
+
+def clone(params):
+    out = []
+    for p in params:
+        q = nn.Parameter(p.detach().clone())
+        if hasattr(p, "muon_split"):
+            q.muon_split = p.muon_split
+        out.append(q)
+    return out
+
+
+def run_steps(opt, params, steps, seed=1):
+    """Same pseudo-random gradients for every optimizer given the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def with_spectrum(shape, gen, low=0.05):
+    """A matrix with singular values spread over [low, 1]: a gradient with a known spectrum."""
+    rows, cols = shape[-2:]
+    k = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(*shape[:-2], rows, k, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(*shape[:-2], cols, k, generator=gen)).Q
+    s = torch.logspace(0, torch.tensor(low).log10().item(), k)
+    return u @ torch.diag_embed(s.expand(*shape[:-2], k)) @ v.mT
+
+
+@pytest.fixture
+def fp32_torch_muon(monkeypatch):
+    """torch.optim.Muon hard-codes bf16 for Newton-Schulz; run its own code in fp32 for tight comparisons."""
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.to(torch.float32, copy=True))
+
+
+@pytest.mark.parametrize("adjust_lr", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_muon_fp32(fp32_torch_muon, adjust_lr, weight_decay, nesterov):
+    ours, theirs = make_params(SHAPES), make_params(SHAPES)
+    kw = dict(lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+    run_steps(Muon(ours, adjust_lr=adjust_lr, ns_dtype=FP32, **kw), ours, steps=4)
+    run_steps(torch.optim.Muon(theirs, adjust_lr_fn=adjust_lr, **kw), theirs, steps=4)
+    start = make_params(SHAPES)
+    for p, q, p0 in zip(ours, theirs, start):
+        torch.testing.assert_close(p - p0, q - p0, rtol=1e-5, atol=1e-6)
+
+
+def test_matches_torch_muon_bf16():
+    """Unpatched torch.optim.Muon (bf16 NS) against ours in bf16: the same operations, so the same numbers."""
+    ours, theirs = make_params(SHAPES), make_params(SHAPES)
+    run_steps(Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=BF16), ours, steps=3)
+    run_steps(torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1), theirs, steps=3)
+    start = make_params(SHAPES)
+    for p, q, p0 in zip(ours, theirs, start):
+        step_ours, step_theirs = p - p0, q - p0
+        assert (step_ours - step_theirs).norm() <= 1e-2 * step_theirs.norm()
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("shape", [(32, 32), (24, 56), (56, 24), (2, 3, 16, 40)])
+def test_singular_values_near_one(dtype, shape):
+    g = with_spectrum(shape, torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(zeropower_via_newtonschulz5(g, dtype=dtype).float())
+    assert s.min() > 0.65 and s.max() < 1.25, (s.min(), s.max())
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_batched_equals_one_by_one(dtype):
+    g = torch.randn(2, 3, 20, 36)
+    batched = zeropower_via_newtonschulz5(g, dtype=dtype)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(batched[i, j], zeropower_via_newtonschulz5(g[i, j], dtype=dtype), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zeropower_via_newtonschulz5(g.mT, dtype=dtype), batched.mT)
+
+
+@pytest.mark.parametrize("adjust_lr", ["original", "match_rms_adamw"])
+def test_muon_split_is_per_piece(fp32_torch_muon, adjust_lr):
+    """A fused weight with muon_split steps exactly like its pieces as separate parameters (torch as the oracle)."""
+    pieces = [(32, 16), (8, 16), (8, 16), (32, 16)]  # like a fused q, k, v, gate projection
+    fused, = make_params([(80, 16)])
+    fused.muon_split = tuple(rows for rows, _ in pieces)
+    w_in, = make_params([(48, 16)], seed=2)  # SwiGLU's fused (hidden, hidden) input weight
+    w_in.muon_split = (24, 24)
+    ours = [fused, w_in]
+    theirs = [nn.Parameter(t.detach().clone()) for p in ours for t in p.split(list(p.muon_split))]
+    run_steps(Muon(ours, weight_decay=0.1, adjust_lr=adjust_lr, ns_dtype=FP32), ours, steps=3)
+    # the same gradients, cut into the same pieces
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        for q, g in zip(theirs, [g for p, g in zip(ours, grads) for g in g.split(list(p.muon_split))]):
+            q.grad = g
+        opt.step()
+    torch.testing.assert_close(torch.cat([q.detach() for q in theirs]), torch.cat([p.detach() for p in ours]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip():
+    params = make_params(SHAPES)
+    params[2].muon_split = (24, 16)
+    opt = Muon(params, momentum=0.9, weight_decay=0.05)
+    run_steps(opt, params, steps=2)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_params = clone(params)
+    resumed = Muon(resumed_params)  # hyperparameters come back from the state dict
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    run_steps(opt, params, steps=2, seed=5)
+    run_steps(resumed, resumed_params, steps=2, seed=5)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+
+
+def test_bad_parameters_raise_at_construction():
+    split = nn.Parameter(torch.zeros(8, 4))
+    split.muon_split = (4, 3)
+    bad = [nn.Parameter(torch.zeros(8)), nn.Parameter(torch.zeros(2, 3, 4)),
+           nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64)),
+           nn.Parameter(torch.zeros(4, 4).to_sparse()), split]
+    for p in bad:
+        with pytest.raises(ValueError):
+            Muon([p])
+    ok = nn.Parameter(torch.zeros(4, 4))
+    for kwargs in [dict(adjust_lr="spectral"), dict(momentum=1.0), dict(lr=-1.0), dict(ns_steps=0), dict(weight_decay=-0.1)]:
+        with pytest.raises(ValueError):
+            Muon([ok], **kwargs)
+    opt = Muon([ok])
+    with pytest.raises(ValueError):
+        opt.add_param_group(dict(params=[nn.Parameter(torch.zeros(3))]))
+    assert len(opt.param_groups) == 1
+
+
+class StandIn(nn.Module):
+    """The parameter layout build_optimizers relies on: embed, blocks (a ModuleList), norms, lm_head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(norm=nn.LayerNorm(16), qkv=nn.Linear(16, 48, bias=True),
+                                                       proj=nn.Linear(16, 16, bias=False))) for _ in range(2))
+        self.norm = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+
+
+def check_grouping(model, cfg):
+    optimizers = build_optimizers(model, cfg)
+    seen = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    assert len(seen) == len({id(p) for p in seen}) == len(list(model.parameters()))
+    block_matrices = {id(p) for p in model.blocks.parameters() if p.ndim == 2}
+    for opt in optimizers:
+        for g in opt.param_groups:
+            assert g["initial_lr"] == g["lr"]
+            if isinstance(opt, Muon):
+                assert {id(p) for p in g["params"]} == block_matrices and g["lr"] == cfg.muon_lr
+            else:
+                assert isinstance(opt, torch.optim.AdamW) and g["lr"] == cfg.adamw_lr
+                assert g["betas"] == (cfg.adamw_beta1, cfg.adamw_beta2) and not g["fused"]
+                assert all(p.ndim >= 2 for p in g["params"]) if g["weight_decay"] else all(p.ndim < 2 for p in g["params"])
+                assert g["weight_decay"] in (0.0, cfg.weight_decay)
+    kinds = [type(opt) for opt in optimizers]
+    assert kinds == ([Muon, torch.optim.AdamW] if cfg.optimizer == "muon" else [torch.optim.AdamW])
+    muon_ids = {id(p) for opt in optimizers if isinstance(opt, Muon) for p in opt.param_groups[0]["params"]}
+    embed_and_head = [model.embed.weight] + ([model.lm_head.weight] if model.lm_head is not None else [])
+    assert all(id(p) not in muon_ids for p in embed_and_head)
+    return optimizers
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_build_optimizers_grouping(optimizer):
+    model = StandIn()
+    optimizers = check_grouping(model, TrainConfig(optimizer=optimizer))
+    x = torch.randint(0, 50, (2, 5))
+    h = model.embed(x)
+    for block in model.blocks:
+        h = h + block["proj"](block["qkv"](block["norm"](h))[..., :16])
+    model.lm_head(model.norm(h)).square().mean().backward()
+    for opt in optimizers:
+        opt.step()
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "model.py").exists(), reason="model.py not written yet")
+def test_build_optimizers_on_blueberry():
+    from config import ModelConfig
+    from model import Blueberry
+    model = Blueberry(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    optimizers = check_grouping(model, TrainConfig())
+    assert any(hasattr(p, "muon_split") for p in optimizers[0].param_groups[0]["params"])
+    idx = torch.randint(0, 64, (2, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(idx, targets=idx)[1].backward()
+    for opt in optimizers:
+        opt.step()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_momentum_warmup():
+    cfg = TrainConfig(muon_momentum=0.95, muon_momentum_warmup_steps=100)
+    params = make_params([(4, 4)])
+    optimizers = [Muon(params), torch.optim.AdamW(make_params([(4,)]))]
+    assert set_muon_momentum(optimizers, 0, cfg) == pytest.approx(0.85)
+    assert set_muon_momentum(optimizers, 50, cfg) == pytest.approx(0.90)
+    assert set_muon_momentum(optimizers, 500, cfg) == pytest.approx(0.95)
+    assert optimizers[0].param_groups[0]["momentum"] == pytest.approx(0.95)
+    assert "momentum" not in optimizers[1].param_groups[0]
+    assert set_muon_momentum(optimizers, 0, TrainConfig(muon_momentum_warmup_steps=0)) == pytest.approx(0.95)
+
+
+# Distributed: 3 equal squares (the last rank's share is padded), a lone tall matrix (one rank
+# idles for that group) and a fused weight whose pieces land in groups of their own.
+DIST_SHAPES = [(16, 16), (16, 16), (40, 16), (16, 16), (36, 16)]
+
+
+def dist_params():
+    params = make_params(DIST_SHAPES)
+    params[4].muon_split = (16, 4, 16)
+    return params
+
+
+def _dist_worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        import muon
+        counted = []
+        original = muon.zeropower_via_newtonschulz5
+
+        def counting(G, *args, **kwargs):
+            counted.append(G.size(0))
+            return original(G, *args, **kwargs)
+
+        muon.zeropower_via_newtonschulz5 = counting
+        params = dist_params()
+        run_steps(Muon(params, weight_decay=0.1), params, steps=3)
+        torch.save(dict(params=[p.detach() for p in params], orthogonalized=sum(counted) // 3),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_step_matches_single_process(tmp_path):
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = dist_params()
+    run_steps(Muon(single, weight_decay=0.1), single, steps=3)
+    for p, q0, q1 in zip(single, ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(q0, q1)  # every rank ends with identical weights
+        torch.testing.assert_close(q0, p.detach(), rtol=0, atol=1e-6)
+    # 7 matrices per step (3 squares, the tall one, 3 pieces), each orthogonalized on one rank only
+    assert ranks[0]["orthogonalized"] + ranks[1]["orthogonalized"] == 7
