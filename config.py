@@ -174,7 +174,7 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag or value in one line instead of usage + error."""
 
     def error(self, message):
@@ -183,7 +183,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(description: str = "Train a Blueberry language model.") -> argparse.ArgumentParser:
-    parser = _OneLineParser(description=description,
+    parser = OneLineParser(description=description,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="named starting point (default: t4 on a CUDA GPU, cpu otherwise)")
@@ -226,5 +226,12 @@ def parse_args(argv=None, default_preset: str | None = None) -> tuple:
     return model_cfg, train_cfg, preset
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def pick_device(requested: str = "auto", index: int = 0):
+    """CUDA (GPU `index`), else MPS, else CPU; a device asked for by name must exist (ValueError)."""
+    import torch
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if requested in (None, "auto"):
+        requested = next(kind for kind, ok in available.items() if ok)
+    if not available.get(requested, False):
+        raise ValueError(f"device {requested!r} is not available here; use --device auto or cpu")
+    return torch.device(requested, index) if requested == "cuda" else torch.device(requested)

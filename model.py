@@ -25,22 +25,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # no casts on the fp32 path (they cost time at batch 1)
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
-    """cos/sin tables (max_len, head_dim) for rotate-half RoPE, as Hugging Face Llama builds them."""
+    """cos/sin tables (max_len, head_dim) for rotate-half RoPE, as Hugging Face Llama builds them,
+    with the sign of rotate_half folded into the first half of sin (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_len).float(), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    sin[:, :head_dim // 2] *= -1
+    return cos, sin
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, T, D); cos/sin: (T, D). Rotate-half convention: pairs are (i, i + D/2)."""
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x: (B, H, T, D); cos/sin: (T, D). Rotate-half convention: pairs are (i, i + D/2), i.e.
+    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) = roll(x, D/2) * (-1 | +1)."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -188,7 +192,7 @@ class Block(nn.Module):
         # sandwich norm: also normalize each sublayer's output before it joins the residual
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
         self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.drop(self.post_attn_norm(self.attn(self.pre_attn_norm(x), cos, sin, cache, self.layer)))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from config import parse_args
+from config import parse_args, pick_device
 from model import Blueberry
 from muon import build_optimizers, default_ns_dtype, set_muon_momentum
 
@@ -53,18 +53,6 @@ def setup_distributed():
         torch.cuda.set_device(local)
     dist.init_process_group(backend, device_id=torch.device("cuda", local) if backend == "nccl" else None)
     return rank, world, local
-
-
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainError("device cuda requested but no CUDA GPU is visible; use --device cpu")
-        return torch.device("cuda", local_rank)
-    if requested == "mps" or (requested == "auto" and torch.backends.mps.is_available()):
-        if not torch.backends.mps.is_available():
-            raise TrainError("device mps requested but MPS is not available; use --device cpu")
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -218,7 +206,10 @@ def train(argv=None):
     else:
         say(f"preset: {preset}")
 
-    device = pick_device(train_cfg.device, local_rank)
+    try:
+        device = pick_device(train_cfg.device, local_rank)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     dtype = pick_dtype(train_cfg.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ for any fp32 matmul left
