@@ -147,15 +147,16 @@ def _divisors(n: int) -> list:
 
 
 # Presets: named overrides of the defaults above. "t4" is the reference configuration on
-# the reference hub data (what a Colab T4 runs); "cpu" is a few-minute smoke run that still
-# learns; "scale" is the planned scale-up (24 layers, d_model 2048, GPT-2-sized vocabulary).
+# the reference hub data (what a Colab T4 runs); "cpu" is a small model on the embedded
+# corpus that trains for 150 s (or 5000 steps on a fast machine) and still learns; "scale"
+# is the planned scale-up (24 layers, d_model 2048, GPT-2-sized vocabulary).
 PRESETS = {
     "t4": dict(),
     "cpu": dict(
         dataset="shakespeare", tokenizer="bpe:4096",
         d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128,
-        batch_size=16, max_steps=600, eval_every=100, eval_batches=10, save_every=300,
-        muon_momentum_warmup_steps=100, max_tokens=2_000_000,
+        batch_size=16, max_steps=5000, time_budget=150.0, eval_every=100, eval_batches=10, save_every=500,
+        muon_momentum_warmup_steps=100,
     ),
     "scale": dict(
         vocab_size=50304, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=8, max_seq_len=2048,

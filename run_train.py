@@ -297,8 +297,11 @@ def train(argv=None):
         by_time = progress["elapsed_s"] / train_cfg.time_budget if train_cfg.time_budget > 0 else 0.0
         return max(by_steps, by_time)
 
-    bar = tqdm(total=train_cfg.max_steps, initial=progress["step"], disable=not master, dynamic_ncols=True,
-               desc="train", leave=True)
+    # the bar counts steps, or seconds when a time budget drives the run
+    timed = train_cfg.time_budget > 0
+    bar_position = (lambda: int(progress["elapsed_s"])) if timed else (lambda: progress["step"])
+    bar = tqdm(total=int(train_cfg.time_budget) if timed else train_cfg.max_steps, initial=bar_position(),
+               unit="s" if timed else "step", disable=not master, dynamic_ncols=True, desc="train")
     say(f"training on {device} ({str(dtype).replace('torch.', '')}{', compiled' if train_cfg.compile else ''}"
         f"{f', {world} processes' if world > 1 else ''}), {tokens_per_step:,} tokens/step")
     loss_acc = torch.zeros((), device=device)
@@ -345,7 +348,7 @@ def train(argv=None):
         loss_acc += step_loss
         window_tokens += tokens_per_step
         window_steps += 1
-        bar.update(1)
+        bar.update(bar_position() - bar.n)
         step = progress["step"]
         done = run_progress() >= 1.0 or bool(interrupted)
 
@@ -358,7 +361,7 @@ def train(argv=None):
             tok_s = window_tokens / dt
             row = {"step": step, "tokens": progress["tokens"], "elapsed_s": round(progress["elapsed_s"], 2),
                    "loss": mean_loss, "lr": mult, "grad_norm": grad_norm.item(), "tok_per_s": round(tok_s)}
-            postfix = {"loss": f"{mean_loss:.3f}", "lr": f"{mult:.2f}", "tok/s": f"{tok_s:,.0f}"}
+            postfix = {"step": step, "loss": f"{mean_loss:.3f}", "lr": f"{mult:.2f}", "tok/s": f"{tok_s:,.0f}"}
             if peak:
                 row["mfu"] = round(flops_tok * tok_s / world / peak, 4)
                 postfix["mfu"] = f"{row['mfu']:.0%}"

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 # A model and corpus small enough that a run of a few dozen steps takes seconds on 2 cores.
 TINY_MODEL = ["--d_model", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "64"]
 TINY_DATA = ["--dataset", "shakespeare", "--tokenizer", "char", "--max_tokens", "120000"]
-TINY_RUN = ["--batch_size", "8", "--max_steps", "40", "--eval_every", "20", "--eval_batches", "4",
+TINY_RUN = ["--batch_size", "8", "--max_steps", "40", "--time_budget", "0", "--eval_every", "20", "--eval_batches", "4",
             "--log_every", "5", "--save_every", "20", "--sample_tokens", "20"]
 
 

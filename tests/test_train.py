@@ -156,3 +156,21 @@ def test_resume_refuses_a_mismatched_checkpoint(trained_run, tmp_path, cache_dir
     proc = run_script("run_train.py", *args, *TINY_DATA, *TINY_RUN, "--out_dir", out, "--cache_dir", cache_dir,
                       "--resume")
     assert_one_line_error(proc, "d_model=64 (asked 32)")
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_train.py"), *TINY_MODEL, *TINY_DATA, *TINY_RUN,
+                             "--max_steps", "100000", "--eval_every", "100000", "--save_every", "100000",
+                             "--out_dir", str(out), "--cache_dir", str(cache_dir)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    step = torch.load(out / "trainer_state.pt", weights_only=True)["progress"]["step"]
+    assert step >= 10 and f"interrupted: saved step {step}" in stdout
