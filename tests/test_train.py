@@ -92,8 +92,12 @@ def test_time_budget_ends_on_time_with_decay_done(tmp_path, cache_dir):
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stderr
     rows = [r for r in metrics(tmp_path / "out") if "loss" in r]
-    assert budget <= rows[-1]["elapsed_s"] < budget + 2.0
-    assert rows[-1]["lr"] < 0.1 and max(r["lr"] for r in rows) == 1.0  # warmed up, then decayed
+    longest_step = max(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:]))
+    assert budget <= rows[-1]["elapsed_s"] <= budget + longest_step + 0.5
+    # warmed up, held, then decayed to the end: lr is set at the start of each step, so the last
+    # step's lr is within one step of zero
+    lrs = [r["lr"] for r in rows]
+    assert max(lrs) == 1.0 and lrs[-1] == min(lrs[len(lrs) // 2:]) and lrs[-1] < 0.7
     assert wall < budget + 60
 
 
