@@ -34,10 +34,10 @@ def default_ns_dtype(device: torch.device | str) -> torch.dtype:
     """The Newton-Schulz dtype for `device`: bf16 where the hardware multiplies it natively.
 
     CUDA: compute capability 8.0+ (a T4 is 7.5 and only emulates bf16, slowly). CPU: AVX512-BF16
-    or AMX; on such a CPU (a 2-core Zen 4, see bench_muon_part.py) a bf16 step takes ~0.45x
-    the time of an fp32 one, with the same spread of singular values, because the iteration
-    itself only lands them in ~[0.7, 1.2]. Decided by the hardware and not by timing at run
-    time, so that a run and its resume follow the same numerical path.
+    or AMX. On such a CPU (2-core Zen 4, bench_muon_part.py) a bf16 step takes ~0.42x the time
+    of an fp32 one, and its output is within ~1% of the fp64 iteration's with the same spread
+    of singular values: noise far below the iteration's own departure from U V^T. Decided by
+    the hardware, not timed at run time, so a run and its resume follow the same numerics.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -55,8 +55,8 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
 
     Five quintic steps do not converge to U V^T but to U S' V^T with S' in ~[0.7, 1.2], which
     trains as well and costs far fewer steps. The iteration runs on the wide orientation so
-    that the Gram matrix X X^T is the smaller square. Returns `dtype` (default: see
-    default_ns_dtype), the same as torch.optim.Muon returns bf16.
+    that the Gram matrix X X^T is the smaller square. Computes and returns `dtype` (default:
+    default_ns_dtype(G.device)); the operations are torch.optim.Muon's, batched.
     """
     if G.ndim < 2:
         raise ValueError(f"zeropower_via_newtonschulz5 needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
@@ -68,8 +68,8 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     X = X.reshape(-1, *wide_shape[-2:])
     # Frobenius norm >= spectral norm, so every singular value starts in [0, 1], where the iteration works.
     norm = X.norm(dim=(-2, -1), keepdim=True).clamp_min(NS_EPS)
-    # Two buffers for X and one each for A and B, reused by every step: on CPU each fresh large
-    # allocation costs page faults, a fifth of the iteration's time at this size.
+    # Two buffers for X and one each for A and B, reused by every step (out=): on CPU every
+    # fresh large allocation costs page faults.
     X = torch.div(X, norm, out=torch.empty(X.shape, dtype=X.dtype, device=X.device))
     Y = torch.empty_like(X)
     A = X.new_empty(X.size(0), X.size(1), X.size(1))
@@ -112,7 +112,8 @@ class Muon(torch.optim.Optimizer):
     update = lerp(grad, buf, momentum) with nesterov, else buf; p *= 1 - lr * weight_decay;
     p -= adjusted_lr(lr, piece shape) * NS(update piece) for each `muon_split` piece (the
     whole matrix when there is no such attribute). `ns_dtype` picks the Newton-Schulz
-    precision (default: default_ns_dtype of the parameters' device).
+    precision (default: default_ns_dtype of the parameters' device). Under torch.distributed,
+    gradients must already be averaged (DDP does that); every rank then takes the same step.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
@@ -206,7 +207,7 @@ class Muon(torch.optim.Optimizer):
         if len(mine) < share:  # pad to the common share size; the padding is sent, never read
             stack = torch.cat([stack, stack.new_zeros(share - len(mine), rows, cols)])
         gathered = stack.new_empty(world * share, rows, cols)
-        return pieces, gathered, _all_gather(gathered, stack.contiguous(), async_op=True)
+        return pieces, gathered, _all_gather(gathered, stack, async_op=True)
 
 
 class _Piece:

@@ -17,6 +17,15 @@ SHAPES = [(24, 24), (16, 40), (40, 16), (24, 24), (40, 16)]
 FP32, BF16 = torch.float32, torch.bfloat16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The matrices here are tiny: a second thread only adds synchronization, which stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_params(shapes, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [nn.Parameter(torch.randn(shape, generator=gen) * 0.1) for shape in shapes]
@@ -53,7 +62,10 @@ def with_spectrum(shape, gen, low=0.05):
 
 @pytest.fixture
 def fp32_torch_muon(monkeypatch):
-    """torch.optim.Muon hard-codes bf16 for Newton-Schulz; run its own code in fp32 for tight comparisons."""
+    """torch.optim.Muon hard-codes bf16 for Newton-Schulz; run its own code in fp32 for tight comparisons.
+
+    copy=True as with the real cast: its iteration divides the result in place.
+    """
     monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.to(torch.float32, copy=True))
 
 
@@ -71,7 +83,7 @@ def test_matches_torch_muon_fp32(fp32_torch_muon, adjust_lr, weight_decay, neste
 
 
 def test_matches_torch_muon_bf16():
-    """Unpatched torch.optim.Muon (bf16 NS) against ours in bf16: the same operations, so the same numbers."""
+    """Unpatched torch.optim.Muon (bf16 NS) against ours in bf16: the same operations, batched, so equal up to rounding."""
     ours, theirs = make_params(SHAPES), make_params(SHAPES)
     run_steps(Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=BF16), ours, steps=3)
     run_steps(torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1), theirs, steps=3)
@@ -233,8 +245,8 @@ def test_momentum_warmup():
     assert set_muon_momentum(optimizers, 0, TrainConfig(muon_momentum_warmup_steps=0)) == pytest.approx(0.95)
 
 
-# Distributed: 3 equal squares (the last rank's share is padded), a lone tall matrix (one rank
-# idles for that group) and a fused weight whose pieces land in groups of their own.
+# Distributed: a group of five 16x16 (three squares and two pieces of the fused weight: the last
+# rank's share is padded), a lone tall matrix and a lone 4x16 piece (one rank idles for those).
 DIST_SHAPES = [(16, 16), (16, 16), (40, 16), (16, 16), (36, 16)]
 
 
@@ -245,6 +257,7 @@ def dist_params():
 
 
 def _dist_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         import muon
