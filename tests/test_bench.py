@@ -1,0 +1,20 @@
+"""bench.py smoke tests: the real benchmarks take minutes and never run in CI (see BENCHMARKS.md)."""
+
+from conftest import run_script
+
+SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "data", "gpu")
+
+
+def test_help_lists_every_subcommand():
+    proc = run_script("bench.py", "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for name in SUBCOMMANDS:
+        assert name in proc.stdout
+
+
+def test_model_tiny_prints_its_table_and_ratios():
+    proc = run_script("bench.py", "model", "--tiny", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "same logits" in proc.stdout  # the Llama peer computes the same function as Blueberry-as-Llama
+    assert "transformers LlamaForCausalLM, fp32" in proc.stdout
+    assert proc.stdout.count("x HF Llama (goal >= 1.0x") == 2  # one verdict per precision
