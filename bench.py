@@ -369,7 +369,7 @@ def cmd_generate(args):
 TRAIN_PRESET = "cpu"
 TRAIN_THREADS = max(1, (os.cpu_count() or 2) // 2)  # two runs side by side share the cores
 # AdamW lr of the Llama baseline, per corpus: the best of `bench.py train --sweep 0.001,0.002,0.003,0.004,0.006`.
-BASELINE_LR = {"bpe": 0.003, "char": 0.002}
+BASELINE_LR = {"bpe": 0.004, "char": 0.002}
 
 
 def corpora(args) -> dict:
