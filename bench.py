@@ -34,6 +34,7 @@ import torch
 
 from config import ModelConfig, make_configs
 from model import Blueberry, llama_config, to_llama_state_dict
+from run_train import optimizer_step
 
 REPO = Path(__file__).resolve().parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -177,14 +178,7 @@ def train_step(model, optimizers, x, y, dtype, scaler):
         with autocast(dtype, x.device.type):
             _, loss = model(x, y)
         scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        optimizer_step(params, optimizers, scaler, grad_clip=1.0)
     return run
 
 

@@ -92,6 +92,20 @@ def lr_multiplier(progress: float, cfg) -> float:
     return 1.0 - min(into_decay, 1.0) * (1.0 - cfg.min_lr_frac)
 
 
+def optimizer_step(params, optimizers, scaler, grad_clip: float):
+    """Unscale (fp16), clip the global grad norm (0 = off), step every optimizer, clear grads.
+    Returns the grad norm before clipping."""
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -326,15 +340,7 @@ def train(argv=None):
                 loss = loss / train_cfg.grad_accum_steps
                 scaler.scale(loss).backward()
             step_loss += loss.detach()
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                   train_cfg.grad_clip if train_cfg.grad_clip > 0 else float("inf"))
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(raw_model.parameters(), optimizers, scaler, train_cfg.grad_clip)
 
         progress["step"] += 1
         progress["tokens"] += tokens_per_step
