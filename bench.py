@@ -682,6 +682,7 @@ def gpu_benchmark(device: torch.device, configs: dict, rounds: int, warmup: int,
         precisions = {"bf16": torch.bfloat16, **precisions}
     peak = mfu_peak(device)
     for config, (fields, batch) in configs.items():
+        torch._dynamo.reset()  # a fresh compile cache per model: the previous model's graphs only cost recompiles
         model_cfg, train_cfg = make_configs(None, **fields)
         torch.manual_seed(0)
         model = Blueberry(model_cfg).to(device)
