@@ -5,7 +5,8 @@ takes SGD-Nesterov momentum and replaces each matrix update by a nearby semi-ort
 matrix, computed with five steps of a quintic Newton-Schulz iteration. For the same
 settings it takes the same steps as `torch.optim.Muon`, and adds:
 
-- speed: same-shape matrices are orthogonalized together, in one batched call;
+- speed: same-shape matrices are orthogonalized together, in one batched call; wide ones
+  iterate on their small Gram side (rows x rows), and tall ones are never transposed;
 - fused weights: a parameter with a `muon_split` attribute (row counts summing to
   size(0), e.g. the fused QKV weight) is orthogonalized per projection, as if each
   projection were its own parameter;
@@ -243,8 +244,8 @@ class Muon(torch.optim.Optimizer):
         for pieces, ortho, work in pending:
             if work is not None:
                 work.wait()
-            ortho = ortho.to(pieces[0].param.dtype)  # one cast per group instead of one inside every add_
-            # one foreach add per learning rate instead of one add_ per piece (each is a kernel launch on a GPU)
+            # One foreach add per learning rate (not one add_ per piece: kernel launches on a GPU), of the
+            # updates in the NS dtype: a cast to the parameter's dtype first would be another full pass.
             by_lr = defaultdict(lambda: ([], []))
             for piece, update in zip(pieces, ortho):
                 targets, updates = by_lr[adjusted_lr(lr, *piece.shape, group["adjust_lr"])]
@@ -272,14 +273,14 @@ class Muon(torch.optim.Optimizer):
         dtype = self.ns_dtype or default_ns_dtype(param.device)
         rows, cols = pieces[0].shape
         stack = torch.empty(len(mine), rows, cols, dtype=dtype, device=param.device)
-        if mine:
-            # Nesterov blend (only for this rank's share), cast to the NS dtype. Pieces keep their
-            # orientation: the iteration handles tall ones in place, and transposing copies are slow.
+        for piece, slot in zip(mine, stack):
+            # One pass per piece: Nesterov blend (only for this rank's share) written straight into the
+            # NS dtype, with no full-size temporary (on CPU every fresh large buffer costs page faults).
+            # Pieces keep their orientation: the iteration handles tall ones in place.
             if group["nesterov"]:
-                blended = torch._foreach_lerp([p.grad for p in mine], [p.buf for p in mine], group["momentum"])
+                torch.lerp(piece.grad, piece.buf, group["momentum"], out=slot)
             else:
-                blended = [p.buf for p in mine]
-            torch._foreach_copy_(list(stack), blended)
+                slot.copy_(piece.buf)
         if mine:
             stack = zeropower_via_newtonschulz5(stack, group["ns_steps"], dtype)
         if world == 1:
