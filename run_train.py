@@ -255,7 +255,10 @@ def train(argv=None):
     if resume:
         raw_model.load_state_dict(resume["model"])
         for opt, opt_state in zip(optimizers, resume["optimizers"]):
-            opt.load_state_dict(opt_state)
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+            opt.load_state_dict(opt_state)  # moments and momentum buffers continue...
+            for group, mine in zip(opt.param_groups, settings):
+                group.update(mine)  # ...under this run's lr, betas and weight decay (flags given with --resume apply)
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
         batches.load_state_dict(resume["data"])
@@ -361,6 +364,7 @@ def train(argv=None):
         if step % train_cfg.log_every == 0 or done or step % train_cfg.save_every == 0:
             mean_loss = loss_acc.item() / window_steps  # the one host sync per log window
             if not math.isfinite(mean_loss):
+                bar.close()  # so the error starts a line of its own
                 raise TrainError(f"loss became {mean_loss} at step {step}; the last good checkpoint in {out_dir} "
                                  f"is untouched. Lower muon_lr/adamw_lr, or use --dtype bf16/fp32 instead of fp16")
             dt = time.perf_counter() - window_t0

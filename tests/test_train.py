@@ -95,9 +95,10 @@ def test_time_budget_ends_on_time_with_decay_done(tmp_path, cache_dir):
     longest_step = max(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:]))
     assert budget <= rows[-1]["elapsed_s"] <= budget + longest_step + 0.5
     # warmed up, held, then decayed to the end: lr is set at the start of each step, so the last
-    # step's lr is within one step of zero
+    # step's lr is within one step of zero (a slow machine takes few, long steps: the bound follows them)
     lrs = [r["lr"] for r in rows]
-    assert max(lrs) == 1.0 and lrs[-1] == min(lrs[len(lrs) // 2:]) and lrs[-1] < 0.7
+    one_step_of_decay = longest_step / budget / TrainConfig().decay_frac
+    assert max(lrs) == 1.0 and lrs[-1] == min(lrs[len(lrs) // 2:]) and lrs[-1] <= one_step_of_decay + 0.02
     assert wall < budget + 60
 
 
@@ -178,3 +179,20 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, cache_dir):
     assert "Traceback" not in stderr
     step = torch.load(out / "trainer_state.pt", weights_only=True)["progress"]["step"]
     assert step >= 10 and f"interrupted: saved step {step}" in stdout
+
+
+def test_diverged_loss_stops_with_one_line_and_keeps_the_last_checkpoint(trained_run, tmp_path, cache_dir):
+    """Learning rates of 1e30 blow the weights up within a step: the loop must stop at its next loss
+    check with a one-line error, and leave the checkpoint it resumed from byte for byte."""
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(trained_run, out)
+    before = {name: (out / name).read_bytes() for name in ("model.safetensors", "trainer_state.pt", "config.json")}
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--out_dir", out, "--cache_dir", cache_dir,
+                      "--resume", "--max_steps", "60", "--log_every", "2", "--save_every", "4",
+                      "--muon_lr", "1e30", "--adamw_lr", "1e30")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress bar, closed first
+    assert last.startswith("error: loss became nan") and "last good checkpoint" in last, last
+    for name, data in before.items():
+        assert (out / name).read_bytes() == data, f"{name} changed"
