@@ -325,71 +325,72 @@ def train(argv=None):
     window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
     last_eval_step = -1
     t_last = time.perf_counter()  # elapsed_s counts wall time, evals and saves included
-    while run_progress() < 1.0 and not interrupted:
-        mult = lr_multiplier(run_progress(), train_cfg)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * mult
-        set_muon_momentum(optimizers, progress["step"], train_cfg)
+    try:  # however the loop ends (an error included), close the bar first so messages start a line of their own
+        while run_progress() < 1.0 and not interrupted:
+            mult = lr_multiplier(run_progress(), train_cfg)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * mult
+            set_muon_momentum(optimizers, progress["step"], train_cfg)
 
-        step_loss = torch.zeros((), device=device)
-        for micro in range(train_cfg.grad_accum_steps):
-            x, y = batches.next_batch()
-            last = micro == train_cfg.grad_accum_steps - 1
-            sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y)
-                loss = loss / train_cfg.grad_accum_steps
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        grad_norm = optimizer_step(raw_model.parameters(), optimizers, scaler, train_cfg.grad_clip)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(train_cfg.grad_accum_steps):
+                x, y = batches.next_batch()
+                last = micro == train_cfg.grad_accum_steps - 1
+                sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        _, loss = model(x, y)
+                    loss = loss / train_cfg.grad_accum_steps
+                    scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            grad_norm = optimizer_step(raw_model.parameters(), optimizers, scaler, train_cfg.grad_clip)
 
-        progress["step"] += 1
-        progress["tokens"] += tokens_per_step
-        now = time.perf_counter()
-        progress["elapsed_s"] += now - t_last
-        t_last = now
-        if world > 1 and train_cfg.time_budget > 0:  # every rank must agree on when time is up
-            elapsed = torch.tensor([progress["elapsed_s"]], device=device)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            progress["elapsed_s"] = elapsed.item()
-        loss_acc += step_loss
-        window_tokens += tokens_per_step
-        window_steps += 1
-        bar.update(bar_position() - bar.n)
-        step = progress["step"]
-        done = run_progress() >= 1.0 or bool(interrupted)
+            progress["step"] += 1
+            progress["tokens"] += tokens_per_step
+            now = time.perf_counter()
+            progress["elapsed_s"] += now - t_last
+            t_last = now
+            if world > 1 and train_cfg.time_budget > 0:  # every rank must agree on when time is up
+                elapsed = torch.tensor([progress["elapsed_s"]], device=device)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                progress["elapsed_s"] = elapsed.item()
+            loss_acc += step_loss
+            window_tokens += tokens_per_step
+            window_steps += 1
+            bar.update(bar_position() - bar.n)
+            step = progress["step"]
+            done = run_progress() >= 1.0 or bool(interrupted)
 
-        if step % train_cfg.log_every == 0 or done or step % train_cfg.save_every == 0:
-            mean_loss = loss_acc.item() / window_steps  # the one host sync per log window
-            if not math.isfinite(mean_loss):
-                bar.close()  # so the error starts a line of its own
-                raise TrainError(f"loss became {mean_loss} at step {step}; the last good checkpoint in {out_dir} "
-                                 f"is untouched. Lower muon_lr/adamw_lr, or use --dtype bf16/fp32 instead of fp16")
-            dt = time.perf_counter() - window_t0
-            tok_s = window_tokens / dt
-            row = {"step": step, "tokens": progress["tokens"], "elapsed_s": round(progress["elapsed_s"], 2),
-                   "loss": mean_loss, "lr": mult, "grad_norm": grad_norm.item(), "tok_per_s": round(tok_s)}
-            postfix = {"step": step, "loss": f"{mean_loss:.3f}", "lr": f"{mult:.2f}", "tok/s": f"{tok_s:,.0f}"}
-            if peak:
-                row["mfu"] = round(flops_tok * tok_s / world / peak, 4)
-                postfix["mfu"] = f"{row['mfu']:.0%}"
-            bar.set_postfix(postfix)
-            log(row)
-            loss_acc.zero_()
-            window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
+            if step % train_cfg.log_every == 0 or done or step % train_cfg.save_every == 0:
+                mean_loss = loss_acc.item() / window_steps  # the one host sync per log window
+                if not math.isfinite(mean_loss):
+                    raise TrainError(f"loss became {mean_loss} at step {step}; the last good checkpoint in {out_dir} "
+                                     f"is untouched. Lower muon_lr/adamw_lr, or use --dtype bf16/fp32 instead of fp16")
+                dt = time.perf_counter() - window_t0
+                tok_s = window_tokens / dt
+                row = {"step": step, "tokens": progress["tokens"], "elapsed_s": round(progress["elapsed_s"], 2),
+                       "loss": mean_loss, "lr": mult, "grad_norm": grad_norm.item(), "tok_per_s": round(tok_s)}
+                postfix = {"step": step, "loss": f"{mean_loss:.3f}", "lr": f"{mult:.2f}", "tok/s": f"{tok_s:,.0f}"}
+                if peak:
+                    row["mfu"] = round(flops_tok * tok_s / world / peak, 4)
+                    postfix["mfu"] = f"{row['mfu']:.0%}"
+                bar.set_postfix(postfix)
+                log(row)
+                loss_acc.zero_()
+                window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
 
-        if master and (step % train_cfg.eval_every == 0 and not done):
-            row = run_eval(train_cfg.eval_batches)
-            last_eval_step = step
-            bar.write(f"step {step}: val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}, "
-                      f"acc {row['val_acc']:.1%}")
-        if master and (step % train_cfg.save_every == 0 or done):
-            save()
-        if world > 1 and (step % train_cfg.eval_every == 0 or step % train_cfg.save_every == 0):
-            dist.barrier()  # hold the other ranks while rank 0 evaluates and writes
-    bar.close()
+            if master and (step % train_cfg.eval_every == 0 and not done):
+                row = run_eval(train_cfg.eval_batches)
+                last_eval_step = step
+                bar.write(f"step {step}: val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}, "
+                          f"acc {row['val_acc']:.1%}")
+            if master and (step % train_cfg.save_every == 0 or done):
+                save()
+            if world > 1 and (step % train_cfg.eval_every == 0 or step % train_cfg.save_every == 0):
+                dist.barrier()  # hold the other ranks while rank 0 evaluates and writes
+    finally:
+        bar.close()
 
     if master:
         if progress["step"] == 0:
