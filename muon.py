@@ -118,7 +118,8 @@ def _newton_schulz_gram(X: torch.Tensor, steps: int) -> torch.Tensor:
 
     Every step multiplies X on the left by P = a I + b A + c A^2, a polynomial in A_0 = X_0 X_0^T,
     so X_k = Q_k X_0 with Q_k = P_{k-1} ... P_0, and all these matrices commute: A_{k+1} =
-    P_k A_k P_k^T = P_k^2 A_k. Steps then cost only rows^3 products, and X is touched twice.
+    P_k A_k P_k^T = P_k^2 A_k. Steps then cost only rows^3 products; X is touched only to form
+    X X^T and Q X.
     Carried through many steps, rounding in A grows (bf16 blows up the singular values of
     ill-conditioned inputs), so every GRAM_RESTART steps X is formed and A recomputed from it:
     with restarts every 3 steps the output matches the plain iteration's in quality.
