@@ -27,12 +27,14 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path over `path`."""
+    """Call write(tmp_path), then rename tmp_path over `path`; returns what write returned.
+    A failure leaves `path` as it was and no temporary behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
+        result = write(tmp)
         os.replace(tmp, path)
+        return result
     finally:
         if tmp.exists():
             tmp.unlink()

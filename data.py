@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoint
 from config import TrainConfig
 
 SHAKESPEARE = "shakespeare"
@@ -539,14 +540,14 @@ def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
         print(f"data: tokenizing {source.name}")
     start = time.time()
     bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = bin_path.with_name(f"{bin_path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write_bin(tmp):
         with open(tmp, "wb") as f:
             n_train = _write_tokens(f, tokenizer, train_docs, cfg.max_tokens - val_cap if cfg.max_tokens else 0, dtype)
             n_val = _write_tokens(f, tokenizer, val_docs, val_cap, dtype) if val_docs is not None else 0
-        os.replace(tmp, bin_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return n_train, n_val
+
+    n_train, n_val = checkpoint.atomic_write(bin_path, write_bin)
     n_tokens = n_train + n_val
     if n_tokens == 0:
         raise DataError(f"{source.name} has no text (column {cfg.text_column!r}); check the source")
@@ -554,7 +555,8 @@ def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
         n_train = round(n_tokens * (1 - cfg.val_fraction))
     meta = dict(n_tokens=n_tokens, n_train=n_train, split=split, dtype=np.dtype(dtype).name,
                 source=source.name, version=CACHE_VERSION)
-    _write_json_atomic(meta_path, meta)  # last: marks the entry complete
+    # last: the meta file marks the cache entry complete
+    checkpoint.atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     if rank == 0:
         elapsed = time.time() - start
         print(f"data: {n_tokens:,} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s), "
@@ -601,12 +603,6 @@ def _batches(docs):
             piece = following
     if batch:
         yield batch
-
-
-def _write_json_atomic(path, obj):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _hash(obj):
