@@ -123,20 +123,6 @@ class KVCache:
         self.pos = 0
 
 
-def attend_one_token(q, k, v):
-    """Attention of one new query per head (B, H, 1, D) over the cached keys/values (B, Hkv, L, D).
-
-    The decoding case: two small matmuls and a softmax, which at batch 1 cost a fraction of
-    scaled_dot_product_attention's dispatch. Query head h reads K/V head h // (H / Hkv), as
-    enable_gqa does: the query heads of one group become the rows of one matmul.
-    """
-    B, H, _, D = q.shape
-    group = q.view(B, k.size(1), H // k.size(1), D)
-    scores = torch.matmul(group, k.mT).mul_(1.0 / math.sqrt(D))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as sdpa, in bf16/fp16
-    return torch.matmul(probs, v).view(B, H, 1, D)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -173,13 +159,10 @@ class Attention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        if cache is not None and T == 1:
-            y = attend_one_token(q, k, v)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
         if self.attn_gate:
             y = y * torch.sigmoid(gate[0])
