@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ModelConfig
-from model import Blueberry, LinearCrossEntropy, llama_config, to_llama_state_dict
+from model import Blueberry, LinearCrossEntropy, linear, llama_config, to_llama_state_dict
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=48)
 LLAMA_SWITCHES = dict(attn_gate=False, qk_norm=False, sandwich_norm=False, embed_scale=False,
@@ -101,6 +101,62 @@ def test_llama_equivalence():
         torch.testing.assert_close(model(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="Llama has no equivalent"):
         to_llama_state_dict(tiny())
+
+
+def test_attention_matches_a_plain_reference():
+    """QK-norm (per head, separate q and k gains), rotate-half RoPE, GQA, causal softmax and the
+    sigmoid output gate, written out the textbook way."""
+    model = randomized(tiny(), std=0.3)
+    attn, cfg = model.blocks[1].attn, model.cfg
+    H, Hkv, D, T = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 12
+    x = torch.randn(2, T, cfg.d_model)
+    q, k, v, gate = (x @ attn.qkv.weight.t()).split(attn.split, dim=-1)
+    q, k, v = (t.view(2, T, -1, D).transpose(1, 2) for t in (q, k, v))
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    def rope(t):
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2).float() / D)
+        angles = torch.outer(torch.arange(T).float(), inv_freq).repeat(1, 2)
+        rotated = torch.cat((-t[..., D // 2:], t[..., :D // 2]), -1)
+        return t * angles.cos() + rotated * angles.sin()
+
+    q, k = rope(rms(q, attn.q_norm.weight)), rope(rms(k, attn.k_norm.weight))
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, -1) * torch.sigmoid(gate)
+    expected = y @ attn.o_proj.weight.t()
+    with torch.no_grad():
+        got = attn(x, model.rope_cos[:T], model.rope_sin[:T])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_of_one_row_on_cpu_equals_the_batched_path():
+    norm = randomized(tiny()).blocks[0].post_attn_norm
+    x = torch.randn(1, 1, 64) * 3
+    with torch.no_grad():  # one row, no grad: the layer_norm form
+        one = norm(x)
+    torch.testing.assert_close(one, F.rms_norm(x, (64,), norm.weight, norm.eps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one, norm(x.expand(2, 3, 64))[:1, :1], rtol=1e-5, atol=1e-6)
+
+
+def test_one_row_linear_split_across_threads_equals_f_linear():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # the split has as many pieces as threads (4 divides every width here)
+    try:
+        for n, k in [(24, 8), (8, 24)]:
+            w = torch.randn(n, k)
+            for weight in (w, w.t().contiguous().t()):  # row-major and column-major, as prepare_for_decoding stores it
+                for x in (torch.randn(k), torch.randn(1, k), torch.randn(1, 1, k)):
+                    out = linear(x, weight)
+                    assert out.shape == x.shape[:-1] + (n,)
+                    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-6, atol=1e-6)
+            x = torch.randn(3, 5, k)  # many rows: plain F.linear
+            torch.testing.assert_close(linear(x, w), F.linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_loss_matches_cross_entropy_with_ignore_index():
