@@ -25,17 +25,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype == torch.float32:  # no casts on the fp32 path (they cost time at batch 1)
-            if x.numel() == x.size(-1) and x.device.type == "cpu" and not torch.is_grad_enabled():
-                return self.one_row(x)
-            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+        one_row = x.numel() == x.size(-1) and x.dtype == torch.float32 and x.device.type == "cpu"
+        if one_row and not torch.is_grad_enabled():  # a decoding step on CPU
+            return self.one_row(x)
+        return self.normalize(x, self.weight)
 
-    def normalize(self, x):
-        """The norm without the gain (the caller applies its own, as QK-norm does for q and k heads at once)."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.size(-1),), eps=self.eps)
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+    def normalize(self, x, weight=None):
+        """The norm with `weight` as the gain, or none (QK-norm applies its own to q and k heads at once)."""
+        if x.dtype == torch.float32:  # no casts on the fp32 path (they cost time at batch 1)
+            return F.rms_norm(x, (x.size(-1),), weight, self.eps)
+        return F.rms_norm(x.float(), (x.size(-1),), None if weight is None else weight.float(), self.eps).type_as(x)
 
     def one_row(self, x):
         """The same norm of a single row on CPU (a decoding step), where F.rms_norm is ~8 small ops and
