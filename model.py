@@ -19,29 +19,29 @@ from config import ModelConfig
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 (as Hugging Face Llama does), cast back to the input dtype."""
 
+    # Up to this many elements on CPU without grad (a decoding step: one row, or the q/k heads of one
+    # token), `normalize` uses a layer norm: F.rms_norm is ~15 small ops there, F.layer_norm one kernel.
+    decode_numel = 1024
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        one_row = x.numel() == x.size(-1) and x.dtype == torch.float32 and x.device.type == "cpu"
-        if one_row and not torch.is_grad_enabled():  # a decoding step on CPU
-            return self.one_row(x)
         return self.normalize(x, self.weight)
 
     def normalize(self, x, weight=None):
         """The norm with `weight` as the gain, or none (QK-norm applies its own to q and k heads at once)."""
-        if x.dtype == torch.float32:  # no casts on the fp32 path (they cost time at batch 1)
-            return F.rms_norm(x, (x.size(-1),), weight, self.eps)
-        return F.rms_norm(x.float(), (x.size(-1),), None if weight is None else weight.float(), self.eps).type_as(x)
-
-    def one_row(self, x):
-        """The same norm of a single row on CPU (a decoding step), where F.rms_norm is ~8 small ops and
-        F.layer_norm one kernel: [x, -x] has mean 0 and variance mean(x^2), so its layer norm begins
-        with rms_norm(x). 0.4 ms a token at the reference size; slower than F.rms_norm on many rows."""
-        d = x.size(-1)
-        return F.layer_norm(torch.cat((x, -x), -1), (2 * d,), eps=self.eps)[..., :d] * self.weight
+        if x.dtype != torch.float32:
+            return F.rms_norm(x.float(), (x.size(-1),), None if weight is None else weight.float(), self.eps).type_as(x)
+        if x.numel() <= self.decode_numel and x.is_cpu and not torch.is_grad_enabled():
+            # [x, -x] has mean 0 and variance mean(x^2), so its layer norm begins with rms_norm(x).
+            # (Slower than F.rms_norm on many rows, hence the size limit.)
+            d = x.size(-1)
+            x = F.layer_norm(torch.cat((x, -x), -1), (2 * d,), eps=self.eps)[..., :d]
+            return x if weight is None else x * weight
+        return F.rms_norm(x, (x.size(-1),), weight, self.eps)  # no casts on the fp32 path (they cost time at batch 1)
 
 
 def linear(x, weight):
@@ -51,11 +51,11 @@ def linear(x, weight):
     takes 1.07 ms on one core, 0.55 on two)."""
     n, k = weight.shape
     pieces = math.gcd(n, torch.get_num_threads())
-    if x.device.type != "cpu" or pieces == 1 or x.numel() != k:
+    if not x.is_cpu or pieces == 1 or x.numel() != k:  # is_cpu: x.device builds an object, slow at batch 1
         return F.linear(x, weight)
     # piece i is rows i*n/pieces... of weight, transposed: a (pieces, k, n/pieces) view, no copy, any layout
     rows = weight.as_strided((pieces, k, n // pieces), (weight.stride(0) * (n // pieces), weight.stride(1), weight.stride(0)))
-    return torch.matmul(x, rows).view(*x.shape[:-1], n)  # x is broadcast to every piece
+    return torch.bmm(x.reshape(1, 1, k).expand(pieces, 1, k), rows).view(*x.shape[:-1], n)  # x to every piece
 
 
 class Linear(nn.Linear):
@@ -240,12 +240,17 @@ class Block(nn.Module):
         # sandwich norm: also normalize each sublayer's output before it joins the residual
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
         self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.drop(self.post_attn_norm(self.attn(self.pre_attn_norm(x), cos, sin, cache, self.layer)))
         x = x + self.drop(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
         return x
+
+    def drop(self, h):
+        """Residual dropout, in training only. A method, not an nn.Dropout: at batch 1 every module
+        call is a measurable share of a decoding step."""
+        return F.dropout(h, self.dropout, training=True) if self.training and self.dropout > 0 else h
 
 
 class Blueberry(nn.Module):
