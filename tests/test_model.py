@@ -133,13 +133,21 @@ def test_attention_matches_a_plain_reference():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_rms_norm_of_one_row_on_cpu_equals_the_batched_path():
+def test_rms_norm_of_a_decoding_step_equals_f_rms_norm():
+    # One row, or the q/k heads of one token, on CPU without grad: the layer_norm form (RMSNorm.normalize)
     norm = randomized(tiny()).blocks[0].post_attn_norm
-    x = torch.randn(1, 1, 64) * 3
-    with torch.no_grad():  # one row, no grad: the layer_norm form
-        one = norm(x)
-    torch.testing.assert_close(one, F.rms_norm(x, (64,), norm.weight, norm.eps), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(one, norm(x.expand(2, 3, 64))[:1, :1], rtol=1e-5, atol=1e-6)
+    for shape in [(1, 1, 64), (64,), (1, 1, 6, 64), (3, 64)]:
+        x = torch.randn(shape) * 3
+        assert x.numel() <= norm.decode_numel
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, norm.eps), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(norm.normalize(x), F.rms_norm(x, (64,), None, norm.eps), rtol=1e-5, atol=1e-6)
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():  # the same rows inside a large input (the F.rms_norm path) and with grad on
+        many = norm(x.expand(4, 8, 64))[:1, :1]
+    torch.testing.assert_close(norm(x).detach(), many, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), many, rtol=1e-5, atol=1e-6)
 
 
 def test_one_row_linear_split_across_threads_equals_f_linear():
@@ -149,7 +157,7 @@ def test_one_row_linear_split_across_threads_equals_f_linear():
         for n, k in [(24, 8), (8, 24)]:
             w = torch.randn(n, k)
             for weight in (w, w.t().contiguous().t()):  # row-major and column-major, as prepare_for_decoding stores it
-                for x in (torch.randn(k), torch.randn(1, k), torch.randn(1, 1, k)):
+                for x in (torch.randn(k), torch.randn(1, k), torch.randn(1, 1, k), torch.randn(1, 1, 2 * k)[..., ::2]):
                     out = linear(x, weight)
                     assert out.shape == x.shape[:-1] + (n,)
                     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-6, atol=1e-6)
