@@ -48,14 +48,17 @@ def linear(x, weight):
     """x @ weight.T. On CPU, a single row (batch-1 decoding) is split by output features across the
     threads as one batched product: MKL runs a lone matrix-vector product on one core, and at batch 1
     those products are memory-bound, so one core leaves half the bandwidth idle (the reference head
-    takes 1.07 ms on one core, 0.55 on two)."""
+    takes 1.07 ms on one core, 0.55 on two).
+
+    At batch 1 every Python-level call here is a measurable share of the step, so the test is cheap
+    (x.is_cpu, not x.device, which builds an object) and x is expanded, not reshaped first."""
     n, k = weight.shape
     pieces = math.gcd(n, torch.get_num_threads())
-    if not x.is_cpu or pieces == 1 or x.numel() != k:  # is_cpu: x.device builds an object, slow at batch 1
+    if not x.is_cpu or pieces == 1 or x.numel() != k or x.dim() > 3:
         return F.linear(x, weight)
     # piece i is rows i*n/pieces... of weight, transposed: a (pieces, k, n/pieces) view, no copy, any layout
     rows = weight.as_strided((pieces, k, n // pieces), (weight.stride(0) * (n // pieces), weight.stride(1), weight.stride(0)))
-    return torch.bmm(x.reshape(1, 1, k).expand(pieces, 1, k), rows).view(*x.shape[:-1], n)  # x to every piece
+    return torch.bmm(x.expand(pieces, 1, k), rows).view(*x.shape[:-1], n)  # x (k), (1, k) or (1, 1, k) to every piece
 
 
 class Linear(nn.Linear):
@@ -184,14 +187,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v, *gate = self.qkv(x).split(self.qk_split, dim=-1)
+        qk, v, *gate = self.qkv(x).split_with_sizes(self.qk_split, dim=-1)  # not .split: a Python wrapper
         # q and k heads side by side (B, T, H + Hkv, D): normalized and rotated together, half the small ops
         qk = qk.view(B, T, H + Hkv, D)
         if self.q_norm is not None:  # QK-norm: each head over head_dim, then the q or k gain (shared by heads)
             gains = torch.cat((self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(Hkv, D)))
             qk = self.q_norm.normalize(qk) * gains
         qk = apply_rope(qk, cos, sin)
-        q, k = qk.transpose(1, 2).split((H, Hkv), dim=1)
+        q, k = qk.transpose(1, 2).split_with_sizes((H, Hkv), dim=1)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
 
         start = 0

@@ -157,7 +157,8 @@ def test_one_row_linear_split_across_threads_equals_f_linear():
         for n, k in [(24, 8), (8, 24)]:
             w = torch.randn(n, k)
             for weight in (w, w.t().contiguous().t()):  # row-major and column-major, as prepare_for_decoding stores it
-                for x in (torch.randn(k), torch.randn(1, k), torch.randn(1, 1, k), torch.randn(1, 1, 2 * k)[..., ::2]):
+                for x in (torch.randn(k), torch.randn(1, k), torch.randn(1, 1, k), torch.randn(1, 1, 2 * k)[..., ::2],
+                          torch.randn(1, 1, 1, k)):
                     out = linear(x, weight)
                     assert out.shape == x.shape[:-1] + (n,)
                     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-6, atol=1e-6)
