@@ -133,6 +133,19 @@ def test_attention_matches_a_plain_reference():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_dropout_acts_in_training_only():
+    h = torch.ones(4, 64)
+    block = tiny(dropout=0.5).blocks[0]
+    assert torch.equal(block.eval().drop(h), h)
+    assert set(block.train().drop(h).unique().tolist()) == {0.0, 2.0}  # residual dropout: zeros, survivors scaled
+    assert torch.equal(tiny().blocks[0].train().drop(h), h)  # dropout 0
+    idx = torch.randint(0, 97, (2, 20))
+    model = randomized(tiny(dropout=0.5))
+    evaluated = model(idx)
+    torch.testing.assert_close(model(idx), evaluated)  # eval: deterministic
+    assert not torch.allclose(model.train()(idx).detach(), evaluated)
+
+
 def test_rms_norm_of_a_decoding_step_equals_f_rms_norm():
     # One row, or the q/k heads of one token, on CPU without grad: the layer_norm form (RMSNorm.normalize)
     norm = randomized(tiny()).blocks[0].post_attn_norm
