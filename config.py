@@ -8,10 +8,9 @@ Edit the defaults here to scale up; the presets at the bottom are starting point
 """
 
 import argparse
-import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 @dataclass

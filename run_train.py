@@ -323,7 +323,6 @@ def train(argv=None):
         f"{f', {world} processes' if world > 1 else ''}), {tokens_per_step:,} tokens/step")
     loss_acc = torch.zeros((), device=device)
     window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
-    last_eval_step = -1
     t_last = time.perf_counter()  # elapsed_s counts wall time, evals and saves included
     try:  # however the loop ends (an error included), close the bar first so messages start a line of their own
         while run_progress() < 1.0 and not interrupted:
@@ -382,7 +381,6 @@ def train(argv=None):
 
             if master and (step % train_cfg.eval_every == 0 and not done):
                 row = run_eval(train_cfg.eval_batches)
-                last_eval_step = step
                 bar.write(f"step {step}: val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}, "
                           f"acc {row['val_acc']:.1%}")
             if master and (step % train_cfg.save_every == 0 or done):
