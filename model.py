@@ -144,26 +144,41 @@ def _row_chunks(matrix):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer; `pos` counts the tokens already stored."""
+    """Keys and values (n_layers, B, n_kv_heads, max_len, head_dim) for every layer; `pos` counts the tokens
+    stored, and `slot` holds the same count as a tensor.
 
-    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device, dtype):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.layers = [(self.k[i], self.v[i]) for i in range(n_layers)]  # per-layer views, made once
-        self.pos = 0
-        self.max_len = max_len
+    A one-token step takes its position from `slot` (RoPE, where to write) and attends over the whole buffer
+    under a mask of the filled slots. So it runs the same ops on the same shapes at every position, with no
+    Python number that depends on the position: inference.py records it once as a TorchScript trace."""
+
+    def __init__(self, keys, values, slot=None):
+        self.k, self.v = keys, values
+        self.layers = [(keys[i], values[i]) for i in range(keys.size(0))]  # per-layer views, made once
+        self.slot = torch.zeros((), dtype=torch.long, device=keys.device) if slot is None else slot
+        self.slots = torch.arange(keys.size(3), device=keys.device).view(1, -1)  # (1, max_len): SDPA wants 2-D masks
+        self.pos = int(self.slot) if slot is not None and not torch.jit.is_tracing() else 0
+        self.max_len = keys.size(3)
 
     def update(self, layer: int, k, v):
-        """Store the new k, v (B, Hkv, T, D) at the current position; return everything so far."""
+        """Store the new k, v (B, Hkv, T, D) at the current position. Returns the keys, values and mask that
+        attention needs: for several tokens the filled prefix and no mask, for one the whole buffer and the
+        mask of its filled slots (see the class)."""
         keys, values = self.layers[layer]
-        t, end = k.size(2), self.pos + k.size(2)
-        keys.narrow(2, self.pos, t).copy_(k)  # narrow, not slicing: a token's step calls this per layer
-        values.narrow(2, self.pos, t).copy_(v)
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+        t = k.size(2)
+        start = self.slot if t == 1 else self.pos
+        keys.narrow(2, start, t).copy_(k)  # narrow, not slicing: a token's step calls this per layer
+        values.narrow(2, start, t).copy_(v)
+        if t == 1:
+            return keys, values, self.slots <= self.slot
+        return keys.narrow(2, 0, self.pos + t), values.narrow(2, 0, self.pos + t), None
+
+    def advance(self, t: int):
+        self.pos += t
+        self.slot += t  # in place: a traced step moves it too
 
     def reset(self):
         self.pos = 0
+        self.slot.zero_()
 
 
 class Attention(nn.Module):
@@ -197,15 +212,16 @@ class Attention(nn.Module):
         q, k = qk.transpose(1, 2).split_with_sizes((H, Hkv), dim=1)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
 
-        start = 0
+        start, mask = 0, None
         if cache is not None:
             start = cache.pos
-            k, v = cache.update(layer, k, v)
+            k, v, mask = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if T == 1:
-            # One new token sees every key, so the H / Hkv query heads that share a kv head are just a
-            # batch of queries for it: each kv head is read once instead of once per query head.
-            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), k, v, dropout_p=dropout).view(B, H, 1, D)
+            # One new token sees every (unmasked) key, so the H / Hkv query heads that share a kv head are just
+            # a batch of queries for it: each kv head is read once instead of once per query head.
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), k, v, attn_mask=mask,
+                                               dropout_p=dropout).view(B, H, 1, D)
         else:
             # after a cache prefix, new tokens see all of it plus the causal part of themselves
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start) if start else None
@@ -298,8 +314,9 @@ class Blueberry(nn.Module):
             raise ValueError(f"cache max_len {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
         weight = self.embed.weight
         dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                       weight.device, dtype)
+        shape = (self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
+        return KVCache(torch.zeros(shape, device=weight.device, dtype=dtype),
+                       torch.zeros(shape, device=weight.device, dtype=dtype))
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
@@ -307,7 +324,8 @@ class Blueberry(nn.Module):
         if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.max_len):
             limit = self.cfg.max_seq_len if cache is None else min(cache.max_len, self.cfg.max_seq_len)
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        position = cache.slot if cache is not None and T == 1 else start  # a tensor in a one-token step (see KVCache)
+        cos, sin = self.rope_cos.narrow(0, position, T), self.rope_sin.narrow(0, position, T)
 
         x = self.embed(idx)
         if self.cfg.embed_scale:
@@ -315,7 +333,7 @@ class Blueberry(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if targets is None:
