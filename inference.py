@@ -22,6 +22,8 @@ the model splits each product across the threads (`model.linear`).
 import argparse
 import sys
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ import torch
 import checkpoint
 import data
 from config import OneLineParser, pick_device
+from model import KVCache
 from muon import default_ns_dtype
 
 # --samples: prompts in the style of what the model was trained on (sample_prompt from config.json goes first)
@@ -91,6 +94,68 @@ def prepare_for_decoding(model):
         if weight.is_contiguous():
             weight.data = weight.data.t().contiguous().t()
     return model
+
+
+# ----------------------------------------------------------------------------- the decoding step
+
+class OneTokenStep(torch.nn.Module):
+    """model(token, cache=...) for one token, the cache given as its tensors: one trace then serves every
+    cache of the same shape."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, keys, values, slot):
+        return self.model(token, cache=KVCache(keys, values, slot))
+
+
+_traces = weakref.WeakKeyDictionary()  # model -> (what it was traced for, the trace); holds no reference to the model
+
+
+def decoding_step(model, cache):
+    """`step(token)`, the same as `model(token, cache=cache)` for one token (token: (1, 1)).
+
+    On CPU the step runs a TorchScript trace of that call. At batch 1 a decoding step is ~600 small
+    ops, and their Python (module calls, argument parsing, shape arithmetic) costs about as long as
+    the arithmetic; the trace runs the same ops from C++, 1.3x faster per token (BENCHMARKS.md).
+    KVCache makes the step trace-safe: every position-dependent op reads the `slot` tensor.
+
+    A trace is recorded once per model (~0.3 s) and reused while the weights keep their storage and
+    layout; it reads the weights themselves, so it follows training. Eager on GPUs (not measured
+    there), in training mode (dropout), and if tracing fails: a trace only saves time.
+    """
+    def eager(token):
+        return model(token, cache=cache)
+
+    if not cache.k.is_cpu or model.training or cache.k.size(1) != 1:
+        return eager
+    key = (cache.k.shape, cache.k.dtype, [(p.data_ptr(), p.stride()) for p in model.parameters()])
+    if _traces.get(model, (None,))[0] != key:
+        _traces[model] = (key, trace_step(model, cache))
+    traced = _traces[model][1]
+    if traced is None:
+        return eager
+
+    def step(token):
+        logits = traced(token, cache.k, cache.v, cache.slot)  # moves cache.slot on
+        cache.pos += 1
+        return logits
+    return step
+
+
+def trace_step(model, cache):
+    """A TorchScript trace of OneTokenStep(model), recorded on a scratch cache shaped like `cache`; None if it fails."""
+    scratch = KVCache(torch.zeros_like(cache.k), torch.zeros_like(cache.v))
+    token = torch.zeros((1, 1), dtype=torch.long, device=cache.k.device)
+    try:
+        with warnings.catch_warnings():
+            # TracerWarnings name the Python decisions the trace fixes (one token, batch 1): intended. TorchScript
+            # is deprecated for torch.compile, which on CPU compiles this model in ~45 s and then runs slower.
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(OneTokenStep(model), (token, scratch.k, scratch.v, scratch.slot), check_trace=False)
+    except Exception:  # a torch without TorchScript, or an op it cannot record
+        return None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -165,6 +230,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, t
     # tokens (~8 at the reference size), so it pays to leave room for many new tokens before the next one.
     keep = max(1, context // 2)
     cache = model.make_cache(1, context)
+    step = decoding_step(model, cache)
     # every token seen so far, for the repetition penalty: a buffer filled in place, no per-token allocation
     seen = torch.tensor([ids + [0] * max_new_tokens], device=device) if repetition_penalty != 1.0 else None
     n_seen = len(ids)
@@ -189,7 +255,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, t
         if cache.pos == cache.max_len:  # context full: start again from a window of the most recent tokens
             logits = prefill(ids[-keep:])
         else:
-            logits = model(token, cache=cache)[:, -1]
+            logits = step(token)[:, -1]
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -110,6 +110,61 @@ def test_prepare_for_decoding_changes_layout_not_values():
     torch.testing.assert_close(m(idx), expected)
 
 
+LLAMA_SWITCHES = dict(attn_gate=False, qk_norm=False, sandwich_norm=False, embed_scale=False, ffn_mult_last=2.0)
+
+
+@pytest.mark.parametrize("switches", [{}, LLAMA_SWITCHES])
+def test_traced_step_equals_the_model_call(switches):
+    """The TorchScript step runs model(token, cache=cache)'s ops: the same logits at every position of the
+    context; weights changed in place are followed; a new weight layout is traced again; training is eager."""
+    torch.manual_seed(0)
+    m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT,
+                              **switches))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
+    m = inference.prepare_for_decoding(m.eval())
+    tokens = torch.randint(0, 61, (1, CONTEXT), generator=torch.Generator().manual_seed(1))
+
+    def compare(steps):
+        traced_cache, eager_cache = m.make_cache(1), m.make_cache(1)
+        step = inference.decoding_step(m, traced_cache)
+        m(tokens[:, :4], cache=traced_cache)
+        m(tokens[:, :4], cache=eager_cache)
+        for t in range(4, 4 + steps):
+            torch.testing.assert_close(step(tokens[:, t:t + 1]), m(tokens[:, t:t + 1], cache=eager_cache),
+                                       rtol=0, atol=1e-6)
+        assert traced_cache.pos == eager_cache.pos == 4 + steps and int(traced_cache.slot) == traced_cache.pos
+
+    with torch.inference_mode():
+        compare(CONTEXT - 4)  # to the last slot of the cache
+        trace = inference._traces[m][1]
+        assert trace is not None
+        for norm in (m.blocks[0].pre_attn_norm, m.blocks[0].attn.q_norm):
+            if norm is not None:
+                norm.weight.mul_(2.0)
+        m.lm_head.weight.mul_(-1.0)
+        compare(8)
+        assert inference._traces[m][1] is trace  # reused
+        m.lm_head.weight.data = m.lm_head.weight.data.contiguous()  # another layout: strides the trace fixed
+        compare(8)
+        assert inference._traces[m][1] is not trace
+        m.train()
+        assert inference.decoding_step(m, m.make_cache(1)).__name__ == "eager"
+
+
+def test_trace_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+    m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT))
+    list(generate(m.eval(), [1, 2], 3))
+    assert inference._traces[m][1] is not None
+    alive = weakref.ref(m)
+    del m
+    gc.collect()
+    assert alive() is None
+
+
 # ----------------------------------------------------------------------------- sampling steps on hand-made logits
 
 PROBS = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
