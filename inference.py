@@ -123,12 +123,13 @@ def decoding_step(model, cache):
 
     A trace is recorded once per model (~0.3 s) and reused while the weights keep their storage and
     layout; it reads the weights themselves, so it follows training. Eager on GPUs (not measured
-    there), in training mode (dropout), and if tracing fails: a trace only saves time.
+    there), in training mode (dropout), under autocast (a trace would fix its casts) and if tracing
+    fails: a trace only saves time.
     """
     def eager(token):
         return model(token, cache=cache)
 
-    if not cache.k.is_cpu or model.training or cache.k.size(1) != 1:
+    if not cache.k.is_cpu or model.training or cache.k.size(1) != 1 or torch.is_autocast_enabled("cpu"):
         return eager
     key = (cache.k.shape, cache.k.dtype, [(p.data_ptr(), p.stride()) for p in model.parameters()])
     if _traces.get(model, (None,))[0] != key:
