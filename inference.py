@@ -71,7 +71,9 @@ def load_checkpoint(out_dir="out", device=None, dtype=None) -> tuple:
         raise checkpoint.CheckpointError(
             f"the tokenizer in {out_dir / checkpoint.TOKENIZER_DIR} has {len(tokenizer)} tokens but the model has a "
             f"vocabulary of {model.cfg.vocab_size}: they come from different runs; restore the run's own tokenizer")
-    return prepare_for_decoding(model), tokenizer
+    model = prepare_for_decoding(model)
+    decoding_step(model, model.make_cache(1))  # record the decoding step now rather than in the first answer
+    return model, tokenizer
 
 
 def prepare_for_decoding(model):
@@ -121,17 +123,20 @@ def decoding_step(model, cache):
     the arithmetic; the trace runs the same ops from C++, 1.3x faster per token (BENCHMARKS.md).
     KVCache makes the step trace-safe: every position-dependent op reads the `slot` tensor.
 
-    A trace is recorded once per model (~0.3 s) and reused while the weights keep their storage and
-    layout; it reads the weights themselves, so it follows training. Eager on GPUs (not measured
-    there), in training mode (dropout), under autocast (a trace would fix its casts) and if tracing
-    fails: a trace only saves time.
+    A trace is recorded once per model (~0.3 s) and frozen (8% faster): the weights become constants
+    of the step and a few are folded (QK-norm's gains, shape arithmetic), so it is recorded again when
+    any weight changes storage, layout or value (its version counter). Eager on GPUs (not measured
+    there), in training mode (dropout), under autocast (a trace would fix its casts), for weights made
+    under inference mode (no version counter) and if tracing fails: a trace only saves time.
     """
     def eager(token):
         return model(token, cache=cache)
 
-    if not cache.k.is_cpu or model.training or cache.k.size(1) != 1 or torch.is_autocast_enabled("cpu"):
+    weights = list(model.parameters())
+    if not cache.k.is_cpu or model.training or cache.k.size(1) != 1 or torch.is_autocast_enabled("cpu") \
+            or any(w.is_inference() for w in weights):
         return eager
-    key = (cache.k.shape, cache.k.dtype, [(p.data_ptr(), p.stride()) for p in model.parameters()])
+    key = (cache.k.shape, cache.k.dtype, [(w.data_ptr(), w.stride(), w._version) for w in weights])
     if _traces.get(model, (None,))[0] != key:
         _traces[model] = (key, trace_step(model, cache))
     traced = _traces[model][1]
@@ -146,15 +151,20 @@ def decoding_step(model, cache):
 
 
 def trace_step(model, cache):
-    """A TorchScript trace of OneTokenStep(model), recorded on a scratch cache shaped like `cache`; None if it fails."""
+    """A frozen TorchScript trace of OneTokenStep(model), recorded on a scratch cache shaped like `cache`; None if
+    it fails."""
     scratch = KVCache(torch.zeros_like(cache.k), torch.zeros_like(cache.v))
     token = torch.zeros((1, 1), dtype=torch.long, device=cache.k.device)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.inference_mode():  # recorded as generate runs it, whoever asks
             # TracerWarnings name the Python decisions the trace fixes (one token, batch 1): intended. TorchScript
             # is deprecated for torch.compile, which on CPU compiles this model in ~45 s and then runs slower.
             warnings.simplefilter("ignore")
-            return torch.jit.trace(OneTokenStep(model), (token, scratch.k, scratch.v, scratch.slot), check_trace=False)
+            traced = torch.jit.trace(OneTokenStep(model), (token, scratch.k, scratch.v, scratch.slot), check_trace=False)
+            step = torch.jit.freeze(traced.eval())
+            for _ in range(2):  # TorchScript profiles the first runs and then optimizes (~140 ms here): do it now
+                step(token, scratch.k, scratch.v, scratch.slot)
+            return step
     except Exception:  # a torch without TorchScript, or an op it cannot record
         return None
 

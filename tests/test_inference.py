@@ -116,7 +116,8 @@ LLAMA_SWITCHES = dict(attn_gate=False, qk_norm=False, sandwich_norm=False, embed
 @pytest.mark.parametrize("switches", [{}, LLAMA_SWITCHES])
 def test_traced_step_equals_the_model_call(switches):
     """The TorchScript step runs model(token, cache=cache)'s ops: the same logits at every position of the
-    context; weights changed in place are followed; a new weight layout is traced again; training is eager."""
+    context. It is reused while the weights stay as they were and traced again when they change in place or
+    take another layout; training is eager."""
     torch.manual_seed(0)
     m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT,
                               **switches))
@@ -126,6 +127,7 @@ def test_traced_step_equals_the_model_call(switches):
     m = inference.prepare_for_decoding(m.eval())
     tokens = torch.randint(0, 61, (1, CONTEXT), generator=torch.Generator().manual_seed(1))
 
+    @torch.inference_mode()  # as in generate
     def compare(steps):
         traced_cache, eager_cache = m.make_cache(1), m.make_cache(1)
         step = inference.decoding_step(m, traced_cache)
@@ -135,22 +137,21 @@ def test_traced_step_equals_the_model_call(switches):
             torch.testing.assert_close(step(tokens[:, t:t + 1]), m(tokens[:, t:t + 1], cache=eager_cache),
                                        rtol=0, atol=1e-6)
         assert traced_cache.pos == eager_cache.pos == 4 + steps and int(traced_cache.slot) == traced_cache.pos
+        return inference._traces[m][1]
 
-    with torch.inference_mode():
-        compare(CONTEXT - 4)  # to the last slot of the cache
-        trace = inference._traces[m][1]
-        assert trace is not None
+    trace = compare(CONTEXT - 4)  # to the last slot of the cache
+    assert trace is not None and compare(8) is trace
+    with torch.no_grad():
         for norm in (m.blocks[0].pre_attn_norm, m.blocks[0].attn.q_norm):
             if norm is not None:
                 norm.weight.mul_(2.0)
         m.lm_head.weight.mul_(-1.0)
-        compare(8)
-        assert inference._traces[m][1] is trace  # reused
-        m.lm_head.weight.data = m.lm_head.weight.data.contiguous()  # another layout: strides the trace fixed
-        compare(8)
-        assert inference._traces[m][1] is not trace
-        m.train()
-        assert inference.decoding_step(m, m.make_cache(1)).__name__ == "eager"
+    retraced = compare(8)
+    assert retraced is not None and retraced is not trace
+    m.lm_head.weight.data = m.lm_head.weight.data.contiguous()  # another layout: strides the trace fixed
+    assert compare(8) is not retraced
+    m.train()
+    assert inference.decoding_step(m, m.make_cache(1)).__name__ == "eager"
 
 
 def test_trace_does_not_keep_the_model_alive():
