@@ -154,9 +154,9 @@ class KVCache:
     def __init__(self, keys, values, slot=None):
         self.k, self.v = keys, values
         self.layers = [(keys[i], values[i]) for i in range(keys.size(0))]  # per-layer views, made once
-        self.slot = torch.zeros((), dtype=torch.long, device=keys.device) if slot is None else slot
+        self.slot = torch.zeros(1, dtype=torch.long, device=keys.device) if slot is None else slot
         self.slots = torch.arange(keys.size(3), device=keys.device).view(1, -1)  # (1, max_len): SDPA wants 2-D masks
-        self.pos = int(self.slot) if slot is not None and not torch.jit.is_tracing() else 0
+        self.pos = 0 if slot is None or torch.jit.is_tracing() else int(slot)  # a traced step reads only slot
         self.max_len = keys.size(3)
 
     def update(self, layer: int, k, v):
@@ -165,11 +165,12 @@ class KVCache:
         mask of its filled slots (see the class)."""
         keys, values = self.layers[layer]
         t = k.size(2)
-        start = self.slot if t == 1 else self.pos
-        keys.narrow(2, start, t).copy_(k)  # narrow, not slicing: a token's step calls this per layer
-        values.narrow(2, start, t).copy_(v)
-        if t == 1:
+        if t == 1:  # index_copy_, not narrow: narrow would read slot back, a wait on a GPU
+            keys.index_copy_(2, self.slot, k.to(keys.dtype))  # (autocast can leave k in fp32)
+            values.index_copy_(2, self.slot, v.to(values.dtype))
             return keys, values, self.slots <= self.slot
+        keys.narrow(2, self.pos, t).copy_(k)  # narrow, not slicing: cheaper in Python
+        values.narrow(2, self.pos, t).copy_(v)
         return keys.narrow(2, 0, self.pos + t), values.narrow(2, 0, self.pos + t), None
 
     def advance(self, t: int):
@@ -324,8 +325,9 @@ class Blueberry(nn.Module):
         if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.max_len):
             limit = self.cfg.max_seq_len if cache is None else min(cache.max_len, self.cfg.max_seq_len)
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
-        position = cache.slot if cache is not None and T == 1 else start  # a tensor in a one-token step (see KVCache)
-        cos, sin = self.rope_cos.narrow(0, position, T), self.rope_sin.narrow(0, position, T)
+        # a one-token step indexes with the cache's slot tensor (see KVCache)
+        where = cache.slot if cache is not None and T == 1 else slice(start, start + T)
+        cos, sin = self.rope_cos[where], self.rope_sin[where]
 
         x = self.embed(idx)
         if self.cfg.embed_scale:

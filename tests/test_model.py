@@ -53,6 +53,26 @@ def test_kv_cache_equals_full_recompute(overrides):
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_one_token_step_never_reads_a_tensor_back():
+    """A cached one-token step takes its position from the cache's slot tensor without reading it into Python
+    (on a GPU every read is a wait), which is also what lets inference.py trace it once for every position."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func is torch.ops.aten._local_scalar_dense.default  # what .item() / int() run
+            return func(*args, **(kwargs or {}))
+
+    model = randomized(tiny())
+    cache = model.make_cache(1)
+    model(torch.randint(0, 97, (1, 5)), cache=cache)
+    with torch.no_grad(), Reads():
+        model(torch.tensor([[3]]), cache=cache)
+    assert Reads.count == 0 and cache.pos == 6 and int(cache.slot) == 6
+
+
 def test_cache_overflow_is_a_clear_error():
     model = tiny()
     cache = model.make_cache(1, 16)
