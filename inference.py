@@ -124,9 +124,10 @@ def decoding_step(model, cache):
     the arithmetic; the trace runs the same ops from C++, 1.3x faster per token (BENCHMARKS.md).
     KVCache makes the step trace-safe: every position-dependent op reads the `slot` tensor.
 
-    A trace is recorded once per model (~0.3 s) and frozen (8% faster): the weights become constants
-    of the step and a few are folded (QK-norm's gains, shape arithmetic), so it is recorded again when
-    any weight changes storage, layout or value (its version counter). Eager on GPUs (not measured
+    A trace is recorded once per model (~0.5 s at the reference size) and frozen (8% faster): the
+    weights become constants of the step and a few are folded (QK-norm's gains, shape arithmetic), so
+    it is recorded again when any weight changes storage, layout or value (its version counter), or
+    the number of threads changes. Eager on GPUs (not measured
     there), in training mode (dropout), under autocast (a trace would fix its casts), for weights made
     under inference mode (no version counter) and if tracing fails: a trace only saves time.
     """
@@ -137,7 +138,9 @@ def decoding_step(model, cache):
     if not cache.k.is_cpu or model.training or cache.k.size(1) != 1 or torch.is_autocast_enabled("cpu") \
             or any(w.is_inference() for w in weights):
         return eager
-    key = (cache.k.shape, cache.k.dtype, [(w.data_ptr(), w.stride(), w._version) for w in weights])
+    # the trace fixes the weights (see above) and how model.linear splits products across the threads
+    key = (cache.k.shape, cache.k.dtype, torch.get_num_threads(),
+           [(w.data_ptr(), w.stride(), w._version) for w in weights])
     if _traces.get(model, (None,))[0] != key:
         _traces[model] = (key, trace_step(model, cache))
     traced = _traces[model][1]

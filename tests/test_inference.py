@@ -117,7 +117,7 @@ LLAMA_SWITCHES = dict(attn_gate=False, qk_norm=False, sandwich_norm=False, embed
 def test_traced_step_equals_the_model_call(switches):
     """The TorchScript step runs model(token, cache=cache)'s ops: the same logits at every position of the
     context. It is reused while the weights stay as they were and traced again when they change in place or
-    take another layout; training is eager."""
+    take another layout, or the thread count changes; training is eager."""
     torch.manual_seed(0)
     m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT,
                               **switches))
@@ -150,6 +150,12 @@ def test_traced_step_equals_the_model_call(switches):
     assert retraced is not None and retraced is not trace
     m.lm_head.weight.data = m.lm_head.weight.data.contiguous()  # another layout: strides the trace fixed
     assert compare(8) is not retraced
+    trace = compare(8)
+    torch.set_num_threads(2)  # model.linear splits products by thread count: the trace fixes the split
+    try:
+        assert compare(8) is not trace
+    finally:
+        torch.set_num_threads(1)
     m.train()
     assert inference.decoding_step(m, m.make_cache(1)).__name__ == "eager"
 
