@@ -203,6 +203,7 @@ def truncate_metrics(path: Path, step: int):
 def sample_text(model, tokenizer, prompt, n_tokens, device, autocast) -> str:
     from inference import generate  # sampling lives in inference.py; imported late to keep startup light
     ids = data.encode(tokenizer, prompt)
+    model.eval()  # called once training is over: no dropout in the sample
     with autocast:
         new = list(generate(model, ids, n_tokens, eos_id=tokenizer.eos_token_id))
     return prompt + data.decode(tokenizer, new)
