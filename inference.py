@@ -22,6 +22,7 @@ one-position forward as a TorchScript trace, so its ~600 small ops run without P
 
 import argparse
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -114,6 +115,7 @@ class OneTokenStep(torch.nn.Module):
 
 
 _traces = weakref.WeakKeyDictionary()  # model -> (what it was traced for, the trace); holds no reference to the model
+_tracing = threading.Lock()  # one trace at a time: recording one sets warning filters, which are process-wide
 
 
 def decoding_step(model, cache):
@@ -126,24 +128,28 @@ def decoding_step(model, cache):
 
     A trace is recorded once per model (~0.5 s at the reference size) and frozen (8% faster): the
     weights become constants of the step and a few are folded (QK-norm's gains, shape arithmetic), so
-    it is recorded again when any weight changes storage, layout or value (its version counter), or
-    the number of threads changes. Eager on GPUs (not measured
-    there), in training mode (dropout), under autocast (a trace would fix its casts), for weights made
-    under inference mode (no version counter) and if tracing fails: a trace only saves time.
+    it is recorded again when any weight or buffer changes storage, shape, layout or value (its version
+    counter: in-place updates under no_grad, as optimizers and load_state_dict make them, count; writes
+    through `.data` bypass it and are not seen), or the number of threads changes. Eager on GPUs (not
+    measured there), in training mode (dropout), under autocast (a trace would fix its casts), for
+    tensors made under inference mode (no version counter) and if tracing fails: a trace only saves time.
     """
     def eager(token):
         return model(token, cache=cache)
 
-    weights = list(model.parameters())
-    if not cache.k.is_cpu or model.training or cache.k.size(1) != 1 or torch.is_autocast_enabled("cpu") \
-            or any(w.is_inference() for w in weights):
-        return eager
-    # the trace fixes the weights (see above) and how model.linear splits products across the threads
-    key = (cache.k.shape, cache.k.dtype, torch.get_num_threads(),
-           [(w.data_ptr(), w.stride(), w._version) for w in weights])
-    if _traces.get(model, (None,))[0] != key:
-        _traces[model] = (key, trace_step(model, cache))
-    traced = _traces[model][1]
+    tensors = [*model.parameters(), *model.buffers()]
+    with _tracing:
+        if not cache.k.is_cpu or model.training or cache.k.size(1) != 1 or torch.is_autocast_enabled("cpu") \
+                or any(t.is_inference() for t in tensors):
+            _traces.pop(model, None)  # a trace holds the weights it was recorded with: let them go
+            return eager
+        # the trace fixes the weights (see above) and how model.linear splits products across the threads
+        key = (cache.k.shape, cache.k.dtype, torch.get_num_threads(),
+               [(t.data_ptr(), t.shape, t.stride(), t._version) for t in tensors])
+        if _traces.get(model, (None,))[0] != key:
+            _traces.pop(model, None)
+            _traces[model] = (key, trace_step(model, cache))
+        traced = _traces[model][1]
     if traced is None:
         return eager
 
@@ -163,7 +169,8 @@ def trace_step(model, cache):
         with warnings.catch_warnings(), torch.inference_mode():  # recorded as generate runs it, whoever asks
             # TracerWarnings name the Python decisions the trace fixes (one token, batch 1): intended. TorchScript
             # is deprecated for torch.compile, which on CPU compiles this model in ~45 s and then runs slower.
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(OneTokenStep(model), (token, scratch.k, scratch.v, scratch.slot), check_trace=False)
             step = torch.jit.freeze(traced.eval())
             for _ in range(2):  # TorchScript profiles the first runs and then optimizes (~140 ms here): do it now

@@ -156,8 +156,35 @@ def test_traced_step_equals_the_model_call(switches):
         assert compare(8) is not trace
     finally:
         torch.set_num_threads(1)
+    trace = compare(8)
+    with torch.no_grad():
+        m.rope_sin.neg_()  # buffers count too
+    assert compare(8) is not trace
     m.train()
     assert inference.decoding_step(m, m.make_cache(1)).__name__ == "eager"
+    assert m not in inference._traces  # the trace, which holds the weights it was recorded with, is gone
+
+
+def test_threads_tracing_at_once_agree_and_leave_the_warning_filters_alone():
+    import threading
+    import warnings
+    m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT))
+    torch.nn.init.normal_(m.lm_head.weight)
+    m.eval()
+    with torch.no_grad():
+        expected = greedy_by_recomputation(m, [1, 2, 3], 12)
+    filters = list(warnings.filters)
+    results = [None] * 4
+
+    def run(i):
+        results[i] = list(generate(m, [1, 2, 3], 12, temperature=0))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [expected] * 4
+    assert warnings.filters == filters
 
 
 def test_trace_does_not_keep_the_model_alive():
