@@ -17,11 +17,7 @@ from config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (as Hugging Face Llama does), cast back to the input dtype."""
-
-    # Up to this many elements on CPU without grad (a decoding step: one row, or the q/k heads of one
-    # token), `normalize` uses a layer norm: F.rms_norm is ~15 small ops there, F.layer_norm one kernel.
-    decode_numel = 1024
+    """x / rms(x) * weight, computed in fp32 as Hugging Face Llama does, returned in x's dtype."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -29,64 +25,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return self.normalize(x, self.weight)
-
-    def normalize(self, x, weight=None):
-        """The norm with `weight` as the gain, or none (QK-norm applies its own to q and k heads at once)."""
-        if x.dtype != torch.float32:
-            return F.rms_norm(x.float(), (x.size(-1),), None if weight is None else weight.float(), self.eps).type_as(x)
-        if x.numel() <= self.decode_numel and x.is_cpu and not torch.is_grad_enabled():
-            # [x, -x] has mean 0 and variance mean(x^2), so its layer norm begins with rms_norm(x).
-            # (Slower than F.rms_norm on many rows, hence the size limit.)
-            d = x.size(-1)
-            x = F.layer_norm(torch.cat((x, -x), -1), (2 * d,), eps=self.eps)[..., :d]
-            return x if weight is None else x * weight
-        return F.rms_norm(x, (x.size(-1),), weight, self.eps)  # no casts on the fp32 path (they cost time at batch 1)
-
-
-def linear(x, weight):
-    """x @ weight.T. On CPU, a single row (batch-1 decoding) is split by output features across the
-    threads as one batched product: MKL runs a lone matrix-vector product on one core, and at batch 1
-    those products are memory-bound, so one core leaves half the bandwidth idle (the reference head
-    takes 1.07 ms on one core, 0.55 on two).
-
-    At batch 1 every Python-level call here is a measurable share of the step, so the test is cheap
-    (x.is_cpu, not x.device, which builds an object) and x is expanded, not reshaped first."""
-    n, k = weight.shape
-    pieces = math.gcd(n, torch.get_num_threads())
-    if not x.is_cpu or pieces == 1 or x.numel() != k or x.dim() > 3:
-        return F.linear(x, weight)
-    # piece i is rows i*n/pieces... of weight, transposed: a (pieces, k, n/pieces) view, no copy, any layout
-    rows = weight.as_strided((pieces, k, n // pieces), (weight.stride(0) * (n // pieces), weight.stride(1), weight.stride(0)))
-    return torch.bmm(x.expand(pieces, 1, k), rows).view(*x.shape[:-1], n)  # x (k), (1, k) or (1, 1, k) to every piece
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias whose batch-1 products on CPU use every thread (see `linear`)."""
-
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__(d_in, d_out, bias=False)
-
-    def forward(self, x):
-        return linear(x, self.weight)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
-    """cos/sin tables (max_len, 1, head_dim) for rotate-half RoPE, as Hugging Face Llama builds them,
-    with the sign of rotate_half folded into the first half of sin (see apply_rope). The 1 broadcasts
-    over heads."""
+    """cos/sin tables (max_len, 1, head_dim) for rotate-half RoPE, as Hugging Face Llama builds them.
+    The 1 broadcasts over heads."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_len).float(), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos(), angles.sin()
-    sin[:, :head_dim // 2] *= -1
-    return cos.unsqueeze(1), sin.unsqueeze(1)
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
 
 def apply_rope(x, cos, sin):
-    """x: (..., T, H, D); cos/sin: (T, 1, D). Rotate-half convention: pairs are (i, i + D/2), i.e.
-    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) = roll(x, D/2) * (-1 | +1)."""
-    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
+    """x: (B, T, H, D); cos/sin: (T, 1, D), or (B, T, 1, D) for per-row positions. Rotate-half convention:
+    channel i pairs with i + D/2, and x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -144,42 +99,49 @@ def _row_chunks(matrix):
 
 
 class KVCache:
-    """Keys and values (n_layers, B, n_kv_heads, max_len, head_dim) for every layer; `pos` counts the tokens
-    stored, and `slot` holds the same count as a tensor.
+    """Keys and values of every layer, (n_layers, B, n_kv_heads, max_len, head_dim), filled left to right.
 
-    A one-token step takes its position from `slot` (RoPE, where to write) and attends over the whole buffer
-    under a mask of the filled slots. So it runs the same ops on the same shapes at every position, with no
-    Python number that depends on the position: inference.py records it once as a TorchScript trace."""
+    `pos` counts the filled slots; attention reads only those, so a new token costs work in
+    proportion to the tokens so far, not to max_len. Rows of a batch can hold prompts of different
+    lengths, right-aligned: row b starts with `pad[b]` slots of left padding, which no real token
+    attends to and which RoPE positions skip, so every row computes what it would alone.
+    """
 
-    def __init__(self, keys, values, slot=None):
+    def __init__(self, keys, values, pad=None):
         self.k, self.v = keys, values
-        self.layers = [(keys[i], values[i]) for i in range(keys.size(0))]  # per-layer views, made once
-        self.slot = torch.zeros(1, dtype=torch.long, device=keys.device) if slot is None else slot
-        self.slots = torch.arange(keys.size(3), device=keys.device).view(1, -1)  # (1, max_len): SDPA wants 2-D masks
-        self.pos = 0 if slot is None or torch.jit.is_tracing() else int(slot)  # a traced step reads only slot
-        self.max_len = keys.size(3)
+        self.pad = pad  # (B,) long tensor of left-padding slots per row, or None
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def reset(self, pad=None):
+        """Empty the cache (the buffers are reused) for rows with `pad` slots of left padding."""
+        self.pos, self.pad = 0, pad
 
     def update(self, layer: int, k, v):
-        """Store the new k, v (B, Hkv, T, D) at the current position. Returns the keys, values and mask that
-        attention needs: for several tokens the filled prefix and no mask, for one the whole buffer and the
-        mask of its filled slots (see the class)."""
-        keys, values = self.layers[layer]
+        """Store the new k, v (B, Hkv, T, D) at the current position; return every key and value so far."""
         t = k.size(2)
-        if t == 1:  # index_copy_, not narrow: narrow would read slot back, a wait on a GPU
-            keys.index_copy_(2, self.slot, k.to(keys.dtype))  # (autocast can leave k in fp32)
-            values.index_copy_(2, self.slot, v.to(values.dtype))
-            return keys, values, self.slots <= self.slot
-        keys.narrow(2, self.pos, t).copy_(k)  # narrow, not slicing: cheaper in Python
-        values.narrow(2, self.pos, t).copy_(v)
-        return keys.narrow(2, 0, self.pos + t), values.narrow(2, 0, self.pos + t), None
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
 
-    def advance(self, t: int):
-        self.pos += t
-        self.slot += t  # in place: a traced step moves it too
 
-    def reset(self):
-        self.pos = 0
-        self.slot.zero_()
+def attention_mask(start: int, T: int, pad, device):
+    """Which keys (slots 0 .. start+T-1) the T new queries at slots start.. may see: (T, S), (B, 1, T, S),
+    or None where SDPA needs no mask (no cache prefix: its own causal flag; one new token: every key)."""
+    if pad is None and (start == 0 or T == 1):
+        return None
+    keys = torch.arange(start + T, device=device)
+    queries = keys[start:, None]
+    mask = keys <= queries  # causal: a query sees its own slot and the ones before it
+    if pad is not None:
+        # Left padding is seen by nobody but itself: a padding query with no key at all would give NaN,
+        # which would then reach real tokens through its (masked, but NaN) value.
+        mask = (mask & (keys >= pad[:, None, None])) | (keys == queries)
+        mask = mask[:, None]
+    return mask
 
 
 class Attention(nn.Module):
@@ -191,43 +153,29 @@ class Attention(nn.Module):
         # same normalized input as q, one sigmoid per head and channel. Muon orthogonalizes each
         # projection separately (muon_split).
         self.split = (q_dim, kv_dim, kv_dim) + ((q_dim,) if cfg.attn_gate else ())
-        self.qkv = Linear(cfg.d_model, sum(self.split))
+        self.qkv = nn.Linear(cfg.d_model, sum(self.split), bias=False)
         self.qkv.weight.muon_split = self.split
-        self.qk_split = (q_dim + kv_dim,) + self.split[2:]  # q and k as one piece (see forward)
         self.attn_gate = cfg.attn_gate
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.o_proj = Linear(q_dim, cfg.d_model)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v, *gate = self.qkv(x).split_with_sizes(self.qk_split, dim=-1)  # not .split: a Python wrapper
-        # q and k heads side by side (B, T, H + Hkv, D): normalized and rotated together, half the small ops
-        qk = qk.view(B, T, H + Hkv, D)
-        if self.q_norm is not None:  # QK-norm: each head over head_dim, then the q or k gain (shared by heads)
-            gains = torch.cat((self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(Hkv, D)))
-            qk = self.q_norm.normalize(qk) * gains
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk.transpose(1, 2).split_with_sizes((H, Hkv), dim=1)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-
-        start, mask = 0, None
+        q, k, v, *gate = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # QK-norm: each head over head_dim, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
-            start = cache.pos
-            k, v, mask = cache.update(layer, k, v)
-        dropout = self.dropout if self.training else 0.0
-        if T == 1:
-            # One new token sees every (unmasked) key, so the H / Hkv query heads that share a kv head are just
-            # a batch of queries for it: each kv head is read once instead of once per query head.
-            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), k, v, attn_mask=mask,
-                                               dropout_p=dropout).view(B, H, 1, D)
-        else:
-            # after a cache prefix, new tokens see all of it plus the causal part of themselves
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start) if start else None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not start, dropout_p=dropout,
-                                               enable_gqa=Hkv != H)
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
         if self.attn_gate:
             y = y * torch.sigmoid(gate[0])
@@ -239,10 +187,9 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.hidden = hidden
-        self.w_in = Linear(d_model, 2 * hidden)
+        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w_in.weight.muon_split = (hidden, hidden)
-        self.down = Linear(hidden, d_model)
+        self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
         gate, up = self.w_in(x).chunk(2, dim=-1)
@@ -260,17 +207,12 @@ class Block(nn.Module):
         # sandwich norm: also normalize each sublayer's output before it joins the residual
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
         self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
-        self.dropout = cfg.dropout
+        self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.drop(self.post_attn_norm(self.attn(self.pre_attn_norm(x), cos, sin, cache, self.layer)))
-        x = x + self.drop(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.dropout(self.post_attn_norm(self.attn(self.pre_attn_norm(x), cos, sin, mask, cache, self.layer)))
+        x = x + self.dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
         return x
-
-    def drop(self, h):
-        """Residual dropout, in training only. A method, not an nn.Dropout: at batch 1 every module
-        call is a measurable share of a decoding step."""
-        return F.dropout(h, self.dropout, training=True) if self.training and self.dropout > 0 else h
 
 
 class Blueberry(nn.Module):
@@ -280,7 +222,7 @@ class Blueberry(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -309,39 +251,53 @@ class Blueberry(nn.Module):
         if cfg.zero_init and self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)  # uniform next-token distribution at step 0
 
-    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def make_cache(self, batch_size: int, max_len: int | None = None, pad=None) -> KVCache:
+        """An empty KVCache for `batch_size` rows of up to `max_len` tokens (default: the context), in the
+        dtype the forward pass will compute in; `pad`: left-padding slots per row (see KVCache)."""
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache max_len {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
         weight = self.embed.weight
-        dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         shape = (self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
-        return KVCache(torch.zeros(shape, device=weight.device, dtype=dtype),
-                       torch.zeros(shape, device=weight.device, dtype=dtype))
+        cache = KVCache(weight.new_zeros(shape, dtype=dtype), weight.new_zeros(shape, dtype=dtype))
+        cache.reset(None if pad is None else torch.as_tensor(pad, device=weight.device))
+        return cache
 
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.max_len):
-            limit = self.cfg.max_seq_len if cache is None else min(cache.max_len, self.cfg.max_seq_len)
+        limit = self.cfg.max_seq_len if cache is None else cache.max_len
+        if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
-        # a one-token step indexes with the cache's slot tensor (see KVCache)
-        where = cache.slot if cache is not None and T == 1 else slice(start, start + T)
-        cos, sin = self.rope_cos[where], self.rope_sin[where]
+        pad = cache.pad if cache is not None else None
+        positions = torch.arange(start, start + T, device=idx.device)
+        if pad is not None:  # each row counts its positions from its first real token
+            positions = (positions - pad[:, None]).clamp_min(0)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = attention_mask(start, T, pad, idx.device)
 
         x = self.embed(idx)
         if self.cfg.embed_scale:
             x = x * math.sqrt(self.cfg.d_model)
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.advance(T)
+            cache.pos += T
         x = self.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if targets is None:
-            return linear(x, head)
+            return F.linear(x, head)
         logits, loss = LinearCrossEntropy.apply(x.reshape(B * T, -1), head, targets.reshape(-1))
         return logits.view(B, T, -1), loss
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the matmuls (embedding lookups excluded) + attention scores,
+        forward and backward."""
+        cfg = self.cfg
+        matmul_params = self.num_params(embeddings=False) + cfg.vocab_size * cfg.d_model  # the head is one, tied or not
+        return 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * cfg.max_seq_len
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
