@@ -1,51 +1,59 @@
-"""Blueberry configuration: the model and training dataclasses, presets, and the CLI.
+"""Blueberry configuration: the model, training and sampling dataclasses, presets, and the CLI.
 
-Every field of `ModelConfig` and `TrainConfig` can be set from the command line:
+Every field of `ModelConfig` and `TrainConfig` can be set from the command line, and
+`--help` describes each one with the default this run would use:
 
     python run_train.py --preset cpu --d_model 192 --max_steps 500 --compile true
 
-Edit the defaults here to scale up; the presets at the bottom are starting points.
+Edit the defaults here to scale up; the presets below are starting points. The README's
+configuration table is `python config.py --markdown`.
 """
 
 import argparse
+import dataclasses
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+
+def option(default, help: str, choices: tuple | None = None, kind=None, shown: str | None = None):
+    """A dataclass field that documents itself: `help` and `choices` feed --help and the README table;
+    `kind` is the value type where the default (None) cannot tell it, and `shown` what --help says then."""
+    return field(default=default, metadata={"help": help, "choices": choices, "kind": kind, "shown": shown})
 
 
 @dataclass
 class ModelConfig:
-    # sizes (the reference configuration: ~ a few M non-embedding parameters)
-    vocab_size: int = 24576  # overwritten by the tokenizer's size at run time
-    d_model: int = 256
-    n_layers: int = 8
-    n_heads: int = 8
-    n_kv_heads: int = 2  # grouped-query attention: n_heads / n_kv_heads query heads share a K/V head
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    # pyramidal SwiGLU: block i of L has hidden width d_model * lerp(first, last, i / (L - 1))
-    ffn_mult_first: float = 1.5
-    ffn_mult_last: float = 4.0
-    multiple_of: int = 64
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    # init: normal(0, init_std); MLP input weights fall with depth from first to last
-    init_std: float = 0.02
-    init_std_first: float = 0.02
-    init_std_last: float = 0.01
-    # feature switches: all off (with a uniform MLP) is exactly Llama
-    tie_embeddings: bool = False  # share the input embedding with lm_head
-    embed_scale: bool = True  # multiply token embeddings by sqrt(d_model)
-    sandwich_norm: bool = True  # RMSNorm after each sublayer as well as before
-    qk_norm: bool = True  # RMSNorm over head_dim on q and k before RoPE
-    attn_gate: bool = True  # gated attention (G1): sdpa(q,k,v) * sigmoid(x @ W_gate)
-    zero_init: bool = True  # every block starts as the identity, lm_head at zero
-    depth_init: bool = True  # depth-aware std for MLP input weights
+    # sizes (the reference configuration: 18.9M parameters, 6.3M without embeddings)
+    vocab_size: int = option(24576, "vocabulary size; set from the tokenizer at run time")
+    d_model: int = option(256, "width of the residual stream")
+    n_layers: int = option(8, "number of transformer blocks")
+    n_heads: int = option(8, "query heads (must divide d_model; head_dim = d_model / n_heads must be even)")
+    n_kv_heads: int = option(2, "key/value heads for grouped-query attention (must divide n_heads)")
+    max_seq_len: int = option(256, "context length in tokens")
+    rope_theta: float = option(10000.0, "RoPE base")
+    ffn_mult_first: float = option(1.5, "MLP width of the first block, in multiples of d_model")
+    ffn_mult_last: float = option(4.0, "MLP width of the last block (equal to first: a uniform MLP)")
+    multiple_of: int = option(64, "MLP widths are rounded up to a multiple of this")
+    norm_eps: float = option(1e-6, "RMSNorm epsilon")
+    dropout: float = option(0.0, "dropout on attention and sublayer outputs")
+    init_std: float = option(0.02, "std of the normal init of linear and embedding weights")
+    init_std_first: float = option(0.02, "std of the first block's MLP input weights (depth-aware init)")
+    init_std_last: float = option(0.01, "std of the last block's MLP input weights")
+    # feature switches: see LLAMA_SWITCHES for the set that turns them into plain Llama
+    tie_embeddings: bool = option(False, "share the input embedding with the output head")
+    embed_scale: bool = option(True, "multiply token embeddings by sqrt(d_model)")
+    sandwich_norm: bool = option(True, "RMSNorm after each sublayer as well as before")
+    qk_norm: bool = option(True, "RMSNorm over head_dim on queries and keys")
+    attn_gate: bool = option(True, "gated attention (G1): sigmoid gate on the attention output")
+    zero_init: bool = option(True, "blocks start as the identity, the head at zero")
+    depth_init: bool = option(True, "MLP input std falls with depth from init_std_first to init_std_last")
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
             _check(getattr(self, name) > 0, name, "must be a positive integer")
-        for name in ("rope_theta", "ffn_mult_first", "ffn_mult_last", "norm_eps", "init_std", "init_std_first", "init_std_last"):
+        for name in ("rope_theta", "ffn_mult_first", "ffn_mult_last", "norm_eps", "init_std", "init_std_first",
+                     "init_std_last"):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(self.d_model % self.n_heads == 0, "n_heads",
@@ -72,50 +80,74 @@ class ModelConfig:
         frac = layer / (self.n_layers - 1) if self.n_layers > 1 else 0.0
         return self.init_std_first + (self.init_std_last - self.init_std_first) * frac
 
+    def non_llama_features(self) -> list:
+        """The switches that make this model compute something plain Llama cannot ([] = Llama architecture).
+        The init switches (zero_init, depth_init) only choose starting values, so they do not count."""
+        on = [name for name, value in LLAMA_SWITCHES.items() if name not in INIT_SWITCHES and getattr(self, name) != value]
+        if len({self.ffn_hidden(i) for i in range(self.n_layers)}) > 1:
+            on.append("pyramidal MLP (ffn_mult_first != ffn_mult_last)")
+        return on
+
+
+# With these switches and a uniform MLP (`llama_equivalent`), Blueberry is transformers' LlamaForCausalLM:
+# the same function of the same weights (tested), initialized the way Llama is.
+LLAMA_SWITCHES = dict(embed_scale=False, sandwich_norm=False, qk_norm=False, attn_gate=False,
+                      zero_init=False, depth_init=False)
+INIT_SWITCHES = ("zero_init", "depth_init")
+
+
+def llama_equivalent(cfg: ModelConfig, **overrides) -> ModelConfig:
+    """cfg as plain Llama: every feature switch off and a uniform MLP of the first block's width."""
+    return dataclasses.replace(cfg, **{**LLAMA_SWITCHES, "ffn_mult_last": cfg.ffn_mult_first, **overrides})
+
 
 @dataclass
 class TrainConfig:
     # data (see data.py)
-    dataset: str = "Hosseinlack123/Blueberry-testdataset"  # hub id, local file/folder, or "shakespeare"
-    tokenizer: str = "Hosseinlack123/Blueberry-testtokenizer"  # hub id, local folder, "char", "bpe" or "bpe:N"
-    text_column: str = "text"
-    val_fraction: float = 0.01
-    max_tokens: int = 0  # cap on tokens read from the source (0 = all)
-    cache_dir: str = "data_cache"
+    dataset: str = option("Hosseinlack123/Blueberry-testdataset",
+                          "hub dataset id, local file or folder, or `shakespeare` (embedded)")
+    tokenizer: str = option("Hosseinlack123/Blueberry-testtokenizer", "hub id or local folder, `char`, `bpe` or `bpe:N`")
+    text_column: str = option("text", "column holding the text in JSONL/Parquet/CSV/hub data")
+    val_fraction: float = option(0.01, "share of the data held out for validation when there is no validation split")
+    max_tokens: int = option(0, "cap on tokens read from the source (0 = all)")
+    cache_dir: str = option("data_cache", "where tokenizers and token caches are stored")
     # optimization
-    batch_size: int = 32  # sequences per micro-batch per process
-    grad_accum_steps: int = 1
-    max_steps: int = 3000
-    time_budget: float = 0.0  # seconds; > 0 runs the schedule on elapsed time and ends on time
-    warmup_frac: float = 0.02  # warmup -> stable -> decay (fractions of the run)
-    decay_frac: float = 0.3
-    min_lr_frac: float = 0.0  # lr at the end of the decay, as a fraction of the peak
-    optimizer: str = "muon"  # "muon" (Muon for hidden matrices + AdamW) or "adamw" (everything on AdamW)
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_momentum_warmup_steps: int = 300  # momentum ramps 0.85 -> muon_momentum (0 = off)
-    muon_weight_decay: float = 0.0
-    adamw_lr: float = 0.003
-    adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.95
-    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only, not norms/biases)
-    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    batch_size: int = option(32, "sequences per micro-batch per process")
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step")
+    max_steps: int = option(3000, "optimizer steps (the run ends at max_steps or time_budget, whichever comes first)")
+    time_budget: float = option(0.0, "seconds of training; > 0 runs the schedule on wall time and ends on time")
+    warmup_frac: float = option(0.02, "share of the run spent warming the learning rate up")
+    decay_frac: float = option(0.3, "share of the run at the end spent decaying it linearly")
+    min_lr_frac: float = option(0.0, "learning rate at the end of the decay, as a share of the peak")
+    optimizer: str = option("muon", "`muon` (Muon for hidden matrices + AdamW) or `adamw` (AdamW for everything)",
+                            choices=("muon", "adamw"))
+    muon_lr: float = option(0.02, "Muon learning rate")
+    muon_momentum: float = option(0.95, "Muon (Nesterov) momentum")
+    muon_momentum_warmup_steps: int = option(300, "steps over which momentum ramps from 0.85 (0 = off)")
+    muon_weight_decay: float = option(0.0, "Muon decoupled weight decay")
+    adamw_lr: float = option(0.003, "AdamW learning rate (embeddings, head, norms)")
+    adamw_beta1: float = option(0.9, "AdamW beta1")
+    adamw_beta2: float = option(0.95, "AdamW beta2")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only, not norms)")
+    grad_clip: float = option(1.0, "max global gradient norm (0 = off)")
     # evaluation, logging, checkpoints
-    eval_every: int = 250
-    eval_batches: int = 20
-    log_every: int = 10
-    save_every: int = 1000
-    out_dir: str = "out"
-    resume: bool = False
-    sample_tokens: int = 200  # length of the sample printed at the end (0 = none)
+    eval_every: int = option(250, "steps between evaluations")
+    eval_batches: int = option(20, "batches in each evaluation (the final one covers a small validation split whole)")
+    log_every: int = option(10, "steps between log lines")
+    save_every: int = option(1000, "steps between checkpoints")
+    out_dir: str = option("out", "output folder")
+    resume: bool = option(False, "continue from the checkpoint in out_dir")
+    sample_tokens: int = option(200, "length of the sample printed at the end (0 = none)")
     # runtime
-    seed: int = 1337
-    device: str = "auto"  # auto | cuda | mps | cpu
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False
+    seed: int = option(1337, "random seed (weights, batches)")
+    device: str = option("auto", "where to train (auto: CUDA, else MPS, else CPU)", choices=("auto", "cuda", "mps", "cpu"))
+    dtype: str = option("auto", "`auto` (bf16 where native, fp16 + grad scaler on older GPUs, else fp32), or one "
+                        "precision", choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = option(False, "`torch.compile` the model")
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every", "save_every"):
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
+                     "save_every"):
             _check(getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("max_tokens", "muon_momentum_warmup_steps", "sample_tokens"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
@@ -129,16 +161,44 @@ class TrainConfig:
         _check(self.warmup_frac + self.decay_frac <= 1.0, "decay_frac", "warmup_frac + decay_frac must be <= 1")
         for name in ("muon_momentum", "adamw_beta1", "adamw_beta2"):
             _check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
-        _check(self.optimizer in ("muon", "adamw"), "optimizer", "must be 'muon' or 'adamw'")
-        _check(self.device in ("auto", "cuda", "mps", "cpu"), "device", "must be auto, cuda, mps or cpu")
-        _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "dtype", "must be auto, fp32, bf16 or fp16")
+        _check_choices(self)
         _check(bool(self.dataset), "dataset", "must name a hub id, a local path or 'shakespeare'")
         _check(bool(self.tokenizer), "tokenizer", "must name a hub id, a local folder, 'char' or 'bpe[:N]'")
+
+
+@dataclass
+class SampleConfig:
+    """How inference.py samples (the prompt itself is chosen on its command line)."""
+    out_dir: str = option("out", "the run to load: a folder written by run_train.py")
+    max_new_tokens: int = option(256, "tokens to generate per answer")
+    temperature: float = option(0.8, "sampling temperature (0 = greedy)")
+    top_k: int = option(50, "sample among the k most likely tokens (0 = off)")
+    top_p: float = option(0.9, "nucleus sampling: the smallest set of tokens reaching this probability (1 = off)")
+    repetition_penalty: float = option(1.0, "> 1 discourages tokens already seen (1 = off)")
+    seed: int | None = option(None, "makes the samples reproducible", kind=int, shown="a fresh seed each run")
+    device: str = option("auto", "where to run (auto: CUDA, else MPS, else CPU)", choices=("auto", "cuda", "mps", "cpu"))
+    dtype: str = option("auto", "`auto` (bf16 where native, fp16 on older GPUs, else fp32), or one precision",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    verbose: bool = option(False, "print the model and tokens/s to stderr")
+
+    def __post_init__(self):
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 = off)")
+        _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)")
+        _check_choices(self)
 
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{name} {message}")
+
+
+def _check_choices(cfg) -> None:
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        _check(not choices or getattr(cfg, f.name) in choices, f.name, f"must be one of {', '.join(choices or ())}")
 
 
 def _divisors(n: int) -> list:
@@ -165,7 +225,15 @@ PRESETS = {
 }
 
 
-def _parse_bool(text: str) -> bool:
+def default_preset() -> str:
+    """t4 (the reference configuration) where a CUDA GPU is visible, cpu otherwise."""
+    import torch
+    return "t4" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -182,21 +250,31 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser(description: str = "Train a Blueberry language model.") -> argparse.ArgumentParser:
-    parser = OneLineParser(description=description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="named starting point (default: t4 on a CUDA GPU, cpu otherwise)")
+def add_fields(group, cls, defaults: dict | None = None) -> None:
+    """One --FIELD flag per field of dataclass `cls`, described by its help, choices and the default that
+    applies (`defaults` overrides the class's, e.g. a preset's). Flags default to None: 'not given'."""
+    for f in fields(cls):
+        value = (defaults or {}).get(f.name, f.default)
+        meta = f.metadata
+        kind = meta.get("kind") or type(f.default)
+        shown = meta.get("shown") if value is None else value
+        if kind is bool:
+            group.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, metavar="BOOL",
+                               help=f"{meta['help']} (default: {str(value).lower()})")
+        else:
+            group.add_argument(f"--{f.name}", type=kind, choices=meta.get("choices"), metavar=kind.__name__.upper()
+                               if not meta.get("choices") else None, help=f"{meta['help']} (default: {shown})")
+
+
+def build_parser(preset: str, default: str, description: str = "Train a Blueberry language model.") -> OneLineParser:
+    """The run_train.py parser; --help shows the values of `preset` (`default` is the one this machine picks)."""
+    parser = OneLineParser(description=description, epilog=f"Defaults shown are the {preset} preset's.")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help=f"named starting point: t4 (the reference configuration), cpu (a small model on the "
+                             f"embedded corpus, a 150 s run) or scale (1.39B parameters) (default: {default} on "
+                             f"this machine)")
     for cls in (ModelConfig, TrainConfig):
-        group = parser.add_argument_group(cls.__name__)
-        for f in fields(cls):
-            kind = type(f.default)
-            if kind is bool:
-                group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None,
-                                   metavar="BOOL", help=f"(default {f.default})")
-            else:
-                group.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                                   help=f"(default {f.default})")
+        add_fields(parser.add_argument_group(cls.__name__), cls, PRESETS[preset])
     return parser
 
 
@@ -214,24 +292,36 @@ def make_configs(preset: str | None = None, **overrides) -> tuple:
     return model_cfg, train_cfg
 
 
-def parse_args(argv=None, default_preset: str | None = None) -> tuple:
-    """CLI -> (ModelConfig, TrainConfig, preset name). Bad input exits with one line."""
-    args = vars(build_parser().parse_args(argv))
-    preset = args.pop("preset") or default_preset
+def parse_args(argv=None) -> tuple:
+    """CLI -> (ModelConfig, TrainConfig, preset name, whether --preset was given). Bad input exits with one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", choices=sorted(PRESETS))
+    known, _ = first.parse_known_args(argv)
+    default = default_preset()
+    preset = known.preset or default
+    args = vars(build_parser(preset, default).parse_args(argv))
+    args.pop("preset")
     try:
         model_cfg, train_cfg = make_configs(preset, **args)
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(2)
-    return model_cfg, train_cfg, preset
+    return model_cfg, train_cfg, preset, known.preset is not None
 
 
-def pick_device(requested: str = "auto", index: int = 0):
-    """CUDA (GPU `index`), else MPS, else CPU; a device asked for by name must exist (ValueError)."""
-    import torch
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if requested in (None, "auto"):
-        requested = next(kind for kind, ok in available.items() if ok)
-    if not available.get(requested, False):
-        raise ValueError(f"device {requested!r} is not available here; use --device auto or cpu")
-    return torch.device(requested, index) if requested == "cuda" else torch.device(requested)
+def markdown_table() -> str:
+    """The README's configuration table, from the dataclasses (the t4 preset: the class defaults)."""
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for cls in (ModelConfig, TrainConfig):
+        for f in fields(cls):
+            choices = f.metadata.get("choices")
+            meaning = f.metadata["help"] + (f" (one of {', '.join(choices)})" if choices else "")
+            rows.append(f"| `{f.name}` | `{f.default}` | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python config.py --markdown   (prints the README's configuration table)")
+    print(markdown_table())
