@@ -2,42 +2,32 @@
 
 Every file is written to a temporary name and renamed into place, so a kill at any moment
 leaves either the old file or the new one, never half of one. `trainer_state.pt` holds
-everything a resume needs (model, optimizers, schedule, RNG, data position) in that one
-file, so a resumable checkpoint is always whole; `model.safetensors` + `config.json` + the
-tokenizer are what inference loads.
+everything a resume needs (model, optimizers, schedule, grad scaler, RNG, data position) in
+that one file, so a resumable checkpoint is always whole; `model.safetensors` +
+`config.json` + the tokenizer are what inference loads.
 """
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common import atomic_write, first_line
 from config import ModelConfig
 from model import Blueberry
 
-WEIGHTS, CONFIG, STATE, TOKENIZER_DIR = "model.safetensors", "config.json", "trainer_state.pt", "tokenizer"
+WEIGHTS, CONFIG, STATE, TOKENIZER_DIR, METRICS = (
+    "model.safetensors", "config.json", "trainer_state.pt", "tokenizer", "metrics.jsonl")
 
 
 class CheckpointError(ValueError):
     """A missing, incomplete or mismatched checkpoint; the message says what to do."""
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path over `path`; returns what write returned.
-    A failure leaves `path` as it was and no temporary behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        result = write(tmp)
-        os.replace(tmp, path)
-        return result
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
+# ----------------------------------------------------------------------------- weights and config
 
 def save_model(out_dir, model: Blueberry, extra_config: dict | None = None, step: int = 0):
     """Write model.safetensors and config.json ({"model": ModelConfig fields, **extra_config})."""
@@ -62,15 +52,83 @@ def read_config(out_dir) -> dict:
 
 
 def load_model(out_dir, device="cpu", dtype=None) -> tuple:
-    """Build the model from config.json and load model.safetensors: returns (model, config dict)."""
+    """Build the model from config.json and load model.safetensors: returns (model in eval mode, config dict)."""
     config = read_config(out_dir)
     path = Path(out_dir) / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {out_dir}: the run did not save weights yet; train or resume it")
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is damaged ({first_line(e)}); restore it, or retrain")
     model = Blueberry(config["model"])
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path} does not match {CONFIG} ({first}); retrain or restore both files together")
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match {CONFIG} ({first_line(e)}); restore both files together")
     return model.to(device=device, dtype=dtype).eval(), config
+
+
+# ----------------------------------------------------------------------------- the resume state
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir, model, optimizers, scaler, batches, progress: dict, extra_config: dict):
+    """Weights + config for inference, then the one-file resume state (both atomic)."""
+    save_model(out_dir, model, {**extra_config, "tokens": progress["tokens"]}, step=progress["step"])
+    state = {
+        "model_config": dataclasses.asdict(model.cfg), "progress": dict(progress),
+        "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+        "scaler": scaler.state_dict(), "rng": rng_state(), "data": batches.state_dict(),
+    }
+    atomic_write(Path(out_dir) / STATE, lambda p: torch.save(state, p))
+
+
+def load_resume_state(out_dir, model_cfg: ModelConfig) -> dict:
+    """The resume state in out_dir, checked against the model settings asked for (CheckpointError)."""
+    path = Path(out_dir) / STATE
+    if not path.is_file():
+        raise CheckpointError(f"--resume: nothing to resume in {out_dir} (no {STATE}); drop --resume to start fresh")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise CheckpointError(f"--resume: {path} is unreadable ({type(e).__name__}); drop --resume to start fresh")
+    wanted = dataclasses.asdict(model_cfg)
+    diff = {k: (v, wanted.get(k)) for k, v in state["model_config"].items() if wanted.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}={old} (asked {new})" for k, (old, new) in sorted(diff.items()))
+        raise CheckpointError(f"--resume: the checkpoint in {out_dir} has {shown}; "
+                              f"use the same model settings or another --out_dir")
+    return state
+
+
+def restore(state: dict, model, optimizers, scaler, batches) -> dict:
+    """Load a resume state into the run's objects; returns its progress (step, tokens, elapsed_s)."""
+    model.load_state_dict(state["model"])
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        opt.load_state_dict(opt_state)  # moments and momentum buffers continue...
+        for group, mine in zip(opt.param_groups, settings):
+            group.update(mine)  # ...under this run's lr, betas and weight decay (flags given with --resume apply)
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    batches.load_state_dict(state["data"])
+    return dict(state["progress"])
+
+
+def truncate_metrics(path: Path, step: int):
+    """Drop log lines written after the checkpoint we resume from (the killed run's tail)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))

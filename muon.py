@@ -14,12 +14,13 @@ settings it takes the same steps as `torch.optim.Muon`, and adds:
   matrices and the results are all-gathered, so every rank takes the same step.
 """
 
-import functools
 import math
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+
+from common import native_bf16, world_info
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic that maximizes the slope at zero (Keller Jordan)
 NS_EPS = 1e-7  # floor of the Frobenius norm, as in torch.optim.Muon
@@ -31,25 +32,15 @@ GRAM_RESTART = 3  # steps of the rows x rows iteration between recomputations of
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-@functools.lru_cache(maxsize=None)
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
-    """The Newton-Schulz dtype for `device`: bf16 where the hardware multiplies it natively.
+    """The Newton-Schulz dtype for `device`: bf16 where the hardware multiplies it natively (common.native_bf16).
 
-    CUDA: compute capability 8.0+ (a T4 is 7.5 and only emulates bf16, slowly). CPU: AVX512-BF16
-    or AMX. On such a CPU (2-core Zen 4, bench_muon_part.py) a bf16 step takes ~0.42x the time
-    of an fp32 one, and its output is within ~1% of the fp64 iteration's with the same spread
-    of singular values: noise far below the iteration's own departure from U V^T. Decided by
-    the hardware, not timed at run time, so a run and its resume follow the same numerics.
+    On such a CPU (2-core Zen 4) a bf16 step takes ~0.42x the time of an fp32 one, and its output is
+    within ~1% of the fp64 iteration's with the same spread of singular values: noise far below the
+    iteration's own departure from U V^T. Decided by the hardware, not timed at run time, so a run
+    and its resume follow the same numerics.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        native = torch.cuda.get_device_capability(device) >= (8, 0)
-    elif device.type == "cpu" and hasattr(torch.cpu, "get_capabilities"):
-        caps = torch.cpu.get_capabilities()
-        native = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    else:
-        native = False
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -267,7 +258,7 @@ class Muon(torch.optim.Optimizer):
         Returns (pieces, ortho, work): ortho[i] is piece i's update once `work` (None when there
         is nothing to wait for) has completed.
         """
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        rank, world = world_info()
         share = math.ceil(len(pieces) / world)  # the last ranks' shares are padded to this size
         mine = pieces[rank * share:(rank + 1) * share]
         param = pieces[0].param
@@ -359,3 +350,25 @@ def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def optimizer_step(params, optimizers: list, scaler, grad_clip: float):
+    """Unscale (fp16), clip the global grad norm (0 = off), step every optimizer, clear grads.
+    Returns the grad norm before clipping."""
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def set_lr_scale(optimizers: list, scale: float) -> dict:
+    """Every group's lr = its base lr x `scale` (the schedule); returns the lrs now in use, by optimizer."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * scale
+    return {f"{type(opt).__name__.lower()}_lr": opt.param_groups[0]["lr"] for opt in optimizers}
