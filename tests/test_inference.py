@@ -8,9 +8,10 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 import data
 import inference
-from config import ModelConfig
+from common import pick_dtype
+from config import ModelConfig, SampleConfig
 from conftest import assert_one_line_error, run_script
-from inference import apply_repetition_penalty, generate, load_checkpoint, sample_next
+from inference import apply_repetition_penalty, generate, generate_batch, load_checkpoint, sample_next
 from model import Blueberry
 
 CONTEXT = 32
@@ -35,7 +36,7 @@ def model():
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
-    return inference.prepare_for_decoding(m.eval())
+    return m.eval()
 
 
 def greedy_by_recomputation(model, prompt, n):
@@ -90,113 +91,47 @@ def test_sampling_past_the_context_with_every_option(model):
 def test_empty_prompt_starts_from_eos_and_bad_settings_raise(model):
     from_eos = list(generate(model, [60], 5, temperature=0, eos_id=60))
     assert list(generate(model, [], 5, temperature=0, eos_id=60)) == from_eos
-    with pytest.raises(ValueError, match="prompt token"):
+    with pytest.raises(ValueError, match="prompt needs at least one token"):
         list(generate(model, [], 5))
     with pytest.raises(ValueError, match="top_p"):
         list(generate(model, [1], 5, top_p=0.0))
 
 
-def test_prepare_for_decoding_changes_layout_not_values():
-    torch.manual_seed(0)
-    m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT))
-    torch.nn.init.normal_(m.lm_head.weight)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    idx = torch.randint(0, 61, (1, 10))
-    expected = m(idx)
-    inference.prepare_for_decoding(m)
-    assert not m.lm_head.weight.is_contiguous()
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    torch.testing.assert_close(m(idx), expected)
+def greedy_alone(model, prompts, n, **kwargs):
+    return [list(generate(model, p, n, temperature=0, **kwargs)) for p in prompts]
 
 
-LLAMA_SWITCHES = dict(attn_gate=False, qk_norm=False, sandwich_norm=False, embed_scale=False, ffn_mult_last=2.0)
+PROMPT_LENGTHS = (8, 3, 40, 17, 1, 31)  # shorter and longer than the context of 32
 
 
-@pytest.mark.parametrize("switches", [{}, LLAMA_SWITCHES])
-def test_traced_step_equals_the_model_call(switches):
-    """The TorchScript step runs model(token, cache=cache)'s ops: the same logits at every position of the
-    context. It is reused while the weights stay as they were and traced again when they change in place or
-    take another layout, or the thread count changes; training is eager."""
-    torch.manual_seed(0)
-    m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT,
-                              **switches))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)
-    m = inference.prepare_for_decoding(m.eval())
-    tokens = torch.randint(0, 61, (1, CONTEXT), generator=torch.Generator().manual_seed(1))
-
-    @torch.inference_mode()  # as in generate
-    def compare(steps):
-        traced_cache, eager_cache = m.make_cache(1), m.make_cache(1)
-        step = inference.decoding_step(m, traced_cache)
-        m(tokens[:, :4], cache=traced_cache)
-        m(tokens[:, :4], cache=eager_cache)
-        for t in range(4, 4 + steps):
-            torch.testing.assert_close(step(tokens[:, t:t + 1]), m(tokens[:, t:t + 1], cache=eager_cache),
-                                       rtol=0, atol=1e-6)
-        assert traced_cache.pos == eager_cache.pos == 4 + steps and int(traced_cache.slot) == traced_cache.pos
-        return inference._traces[m][1]
-
-    trace = compare(CONTEXT - 4)  # to the last slot of the cache
-    assert trace is not None and compare(8) is trace
-    with torch.no_grad():
-        for norm in (m.blocks[0].pre_attn_norm, m.blocks[0].attn.q_norm):
-            if norm is not None:
-                norm.weight.mul_(2.0)
-        m.lm_head.weight.mul_(-1.0)
-    retraced = compare(8)
-    assert retraced is not None and retraced is not trace
-    m.lm_head.weight.data = m.lm_head.weight.data.contiguous()  # another layout: strides the trace fixed
-    assert compare(8) is not retraced
-    trace = compare(8)
-    torch.set_num_threads(2)  # model.linear splits products by thread count: the trace fixes the split
-    try:
-        assert compare(8) is not trace
-    finally:
-        torch.set_num_threads(1)
-    trace = compare(8)
-    with torch.no_grad():
-        m.rope_sin.neg_()  # buffers count too
-    assert compare(8) is not trace
-    m.train()
-    assert inference.decoding_step(m, m.make_cache(1)).__name__ == "eager"
-    assert m not in inference._traces  # the trace, which holds the weights it was recorded with, is gone
+@pytest.mark.parametrize("n", [5, 3 * CONTEXT])
+def test_greedy_batch_equals_each_prompt_alone(model, n):
+    """Prompts of different lengths decoded together give, row by row, the tokens generate gives alone:
+    within the context, and far past it (rows restart from their recent half at their own times)."""
+    prompts = [torch.randint(0, 61, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in PROMPT_LENGTHS]
+    assert generate_batch(model, prompts, n, temperature=0) == greedy_alone(model, prompts, n)
 
 
-def test_threads_tracing_at_once_agree_and_leave_the_warning_filters_alone():
-    import threading
-    import warnings
-    m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT))
-    torch.nn.init.normal_(m.lm_head.weight)
-    m.eval()
-    with torch.no_grad():
-        expected = greedy_by_recomputation(m, [1, 2, 3], 12)
-    filters = list(warnings.filters)
-    results = [None] * 4
-
-    def run(i):
-        results[i] = list(generate(m, [1, 2, 3], 12, temperature=0))
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert results == [expected] * 4
-    assert warnings.filters == filters
+def test_batch_rows_stop_at_their_own_eos_and_keep_every_option(model):
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]
+    free = greedy_alone(model, prompts, 12)
+    eos = free[1][3]  # a token the second row samples early
+    got = generate_batch(model, prompts, 12, temperature=0, eos_id=eos)
+    assert got == greedy_alone(model, prompts, 12, eos_id=eos)
+    assert got[1] == free[1][:free[1].index(eos) + 1]  # ends with its EOS...
+    assert any(len(row) > len(got[1]) for row in got)  # ...while other rows go on
+    penalized = generate_batch(model, prompts, 12, temperature=0, repetition_penalty=1.5)
+    assert penalized == greedy_alone(model, prompts, 12, repetition_penalty=1.5) != free
+    sampled = generate_batch(model, prompts, 12, temperature=1.0, top_k=10, top_p=0.9, seed=3)
+    assert sampled == generate_batch(model, prompts, 12, temperature=1.0, top_k=10, top_p=0.9, seed=3)
+    assert [len(row) for row in sampled] == [12] * 3 and all(0 <= t < 61 for row in sampled for t in row)
 
 
-def test_trace_does_not_keep_the_model_alive():
-    import gc
-    import weakref
-    m = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT))
-    list(generate(m.eval(), [1, 2], 3))
-    assert inference._traces[m][1] is not None
-    alive = weakref.ref(m)
-    del m
-    gc.collect()
-    assert alive() is None
+def test_batch_of_one_is_generate(model):
+    assert generate_batch(model, [[3, 1, 4]], 40, temperature=0.9, seed=5) == \
+        [list(generate(model, [3, 1, 4], 40, temperature=0.9, seed=5))]
+    with pytest.raises(ValueError, match="prompt needs at least one token"):
+        generate_batch(model, [[1], []], 4)
 
 
 # ----------------------------------------------------------------------------- sampling steps on hand-made logits
@@ -249,10 +184,11 @@ def test_top_k_top_p_keep_the_same_tokens_as_hugging_face():
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -0.2]])
-    seen = torch.tensor([[0, 1, 1, 4]])  # repeats count once
+    seen_ids = torch.tensor([[0, 1, 1, 4]])  # repeats count once
+    seen = torch.zeros(1, 5, dtype=torch.bool).scatter(1, seen_ids, True)
     out = apply_repetition_penalty(logits, seen, 2.0)
     torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5, 3.0, -0.4]]))
-    torch.testing.assert_close(out, RepetitionPenaltyLogitsProcessor(2.0)(seen, logits.clone()))
+    torch.testing.assert_close(out, RepetitionPenaltyLogitsProcessor(2.0)(seen_ids, logits.clone()))
     assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, -0.2]]))  # input untouched
 
 
@@ -283,7 +219,7 @@ def test_stream_prints_multibyte_characters_whole(monkeypatch):
             return super().write(piece)
 
     out = Terminal()
-    n, _ = inference.stream(None, tokenizer, "", inference.build_parser().parse_args([]), out)
+    n, _ = inference.stream(None, tokenizer, "", SampleConfig(), out)
     assert n == len(ids) and out.getvalue() == text + "\n"
 
 
@@ -291,7 +227,9 @@ def test_stream_prints_multibyte_characters_whole(monkeypatch):
 
 def test_load_checkpoint(trained_run):
     model, tokenizer = load_checkpoint(trained_run, "cpu")
-    assert not model.training and next(model.parameters()).dtype == torch.float32
+    # the one dtype rule of training: bf16 on a CPU that multiplies it natively, else fp32
+    assert not model.training and next(model.parameters()).dtype == pick_dtype("auto", torch.device("cpu"))
+    assert next(load_checkpoint(trained_run, "cpu", "fp32")[0].parameters()).dtype == torch.float32
     assert len(tokenizer) == model.cfg.vocab_size
     ids = data.encode(tokenizer, "ROMEO:")
     out = list(generate(model, ids, 10, seed=0, eos_id=tokenizer.eos_token_id))
