@@ -96,7 +96,7 @@ def test_time_budget_ends_on_time_with_decay_done(tmp_path, cache_dir):
     assert budget <= rows[-1]["elapsed_s"] <= budget + longest_step + 0.5
     # warmed up, held, then decayed to the end: lr is set at the start of each step, so the last
     # step's lr is within one step of zero (a slow machine takes few, long steps: the bound follows them)
-    lrs = [r["lr"] for r in rows]
+    lrs = [r["lr_scale"] for r in rows]
     one_step_of_decay = longest_step / budget / TrainConfig().decay_frac
     assert max(lrs) == 1.0 and lrs[-1] == min(lrs[len(lrs) // 2:]) and lrs[-1] <= one_step_of_decay + 0.02
     assert wall < budget + 60
