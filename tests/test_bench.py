@@ -18,3 +18,10 @@ def test_model_tiny_prints_its_table_and_ratios():
     assert "same logits" in proc.stdout  # the Llama peer computes the same function as Blueberry-as-Llama
     assert "transformers LlamaForCausalLM, fp32" in proc.stdout
     assert proc.stdout.count("x HF Llama (goal >= 1.0x") == 2  # one verdict per precision
+
+
+def test_generate_tiny_measures_batch_one_and_batched():
+    proc = run_script("bench.py", "generate", "--tiny", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("x HF generate (goal >= 1.2x") == 2  # batch 1 and batched
+    assert "agree on 4 of 4 rows" in proc.stdout  # the Llama-equivalent model decodes what HF's Llama decodes

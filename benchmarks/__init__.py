@@ -1,0 +1,1 @@
+"""The measurements behind bench.py (see its docstring) and BENCHMARKS.md."""
