@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoint
+from common import atomic_write, first_line
 from config import TrainConfig
 
 SHAKESPEARE = "shakespeare"
@@ -300,7 +300,7 @@ def _hub_source(name, cfg):
         try:
             splits = datasets.load_dataset(name, cache_dir=str(Path(cfg.cache_dir, "hf")))
         except Exception as e:
-            raise DataError(f"could not load hub dataset {name!r} ({_first_line(e)}); check the id, "
+            raise DataError(f"could not load hub dataset {name!r} ({first_line(e)}); check the id, "
                             f"or pass a local path or 'shakespeare'") from e
         train = "train" if "train" in splits else next(iter(splits))
         val = next((s for s in VAL_SPLITS if s in splits and s != train and len(splits[s])), None)
@@ -342,10 +342,6 @@ def _read_pieces(path):
                 yield piece
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _split_docs(train, val, val_fraction):
@@ -415,7 +411,7 @@ def _hub_tokenizer(spec):
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except Exception as e:
-        raise DataError(f"could not load hub tokenizer {spec!r} ({_first_line(e)}); check the id, "
+        raise DataError(f"could not load hub tokenizer {spec!r} ({first_line(e)}); check the id, "
                         f"or use a local folder, 'char' or 'bpe'") from e
     return _with_eos(tokenizer)
 
@@ -547,7 +543,7 @@ def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
             n_val = _write_tokens(f, tokenizer, val_docs, val_cap, dtype) if val_docs is not None else 0
         return n_train, n_val
 
-    n_train, n_val = checkpoint.atomic_write(bin_path, write_bin)
+    n_train, n_val = atomic_write(bin_path, write_bin)
     n_tokens = n_train + n_val
     if n_tokens == 0:
         raise DataError(f"{source.name} has no text (column {cfg.text_column!r}); check the source")
@@ -556,7 +552,7 @@ def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
     meta = dict(n_tokens=n_tokens, n_train=n_train, split=split, dtype=np.dtype(dtype).name,
                 source=source.name, version=CACHE_VERSION)
     # last: the meta file marks the cache entry complete
-    checkpoint.atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     if rank == 0:
         elapsed = time.time() - start
         print(f"data: {n_tokens:,} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s), "
