@@ -185,9 +185,8 @@ def _local_source(path, cfg):
         chars = sum(f.stat().st_size for f in fs)
         if kind == "txt":
             return Docs(len(fs), chars, lambda a, b: (_read_pieces(f) for f in fs[a:b]))
-        import datasets
-        table = datasets.load_dataset(kind, data_files={split: [str(f) for f in fs]}, split=split,
-                                      cache_dir=str(Path(cfg.cache_dir, "hf")))
+        table = _datasets().load_dataset(kind, data_files={split: [str(f) for f in fs]}, split=split,
+                                         cache_dir=str(Path(cfg.cache_dir, "hf")))
         return _table_docs(table, cfg.text_column, f"{path}", chars)
 
     def load():
@@ -221,9 +220,8 @@ def _file_kind(path):
 def _hub_source(name, cfg):
     def load():
         require_hub()
-        import datasets
         try:
-            splits = datasets.load_dataset(name, cache_dir=str(Path(cfg.cache_dir, "hf")))
+            splits = _datasets().load_dataset(name, cache_dir=str(Path(cfg.cache_dir, "hf")))
         except Exception as e:
             raise DataError(f"could not load hub dataset {name!r} ({first_line(e)}); check the id, "
                             f"or pass a local path or 'shakespeare'") from e
@@ -233,6 +231,15 @@ def _hub_source(name, cfg):
                 _table_docs(splits[val], cfg.text_column, name, None) if val else None)
 
     return Source(name, json.dumps(["hub", name, cfg.text_column]), load)
+
+
+def _datasets():
+    """The `datasets` library with its progress bars ("Generating train split", "Map") and info
+    logs off, as they would otherwise leak into a run's output; imported only when needed."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
 
 
 def _table_docs(table, column, where, chars):

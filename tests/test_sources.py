@@ -84,3 +84,15 @@ def test_hub_probe_answers_quickly(monkeypatch):
     start = time.perf_counter()
     sources._probe_hub.__wrapped__()  # reachable or not, it must not hang
     assert time.perf_counter() - start < 5
+
+
+def test_table_files_print_no_progress_bars(tmp_path, capfd):
+    import datasets
+    datasets.enable_progress_bars()  # as in a fresh process: prepare_data must silence them itself
+    datasets.logging.set_verbosity_warning()
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": make_text(6, seed=i)}) + "\n" for i in range(50)))
+    prepare_data(make_cfg(tmp_path, tmp_path / "rows.jsonl"), max_seq_len=16)
+    out, err = capfd.readouterr()
+    for bar in ("Generating train split", "Map", "examples/s", "it/s", "%|"):
+        assert bar not in out + err, out + err
+    assert not err.strip() and all(line.startswith("data: ") for line in out.splitlines()), out + err
