@@ -133,6 +133,9 @@ def _get_tokenizer(spec, source, cfg, rank):
     tokenizer = load_tokenizer(folder)
     if builtin and builtin[0] == "char":
         name = f"char ({len(tokenizer) - 2} symbols)"
+    elif builtin and len(tokenizer) < builtin[1] and rank == 0:  # said on every run: the spec still asks for more
+        print(f"data: {name} stopped at {len(tokenizer):,} tokens: the training text has no more merges to learn; "
+              f"the vocabulary is {len(tokenizer):,} (more text would give more)")
     return tokenizer, name
 
 

@@ -65,3 +65,17 @@ def test_tokenizer_without_eos_gets_one(tmp_path):
     d = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", str(tmp_path / "noeos")), max_seq_len=32)
     assert d.tokenizer.eos_token == "<|endoftext|>" and d.eos_id == d.vocab_size - 1 == 300
     assert d.val_tokens[-1] == d.eos_id
+
+
+def test_bpe_that_runs_out_of_merges_says_so(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(make_text(100))
+    cfg = make_cfg(tmp_path, tmp_path / "a.txt", "bpe:2048")
+    for run in ("built", "cached"):
+        d = prepare_data(cfg, max_seq_len=16)
+        assert 257 < d.vocab_size < 2048
+        lines = [line for line in capsys.readouterr().out.splitlines() if "stopped at" in line]
+        assert len(lines) == 1 and lines[0].startswith(f"data: bpe:2048 stopped at {d.vocab_size:,} tokens: "), lines
+        assert "no more merges" in lines[0], lines
+    prepare_data(cfg, max_seq_len=16, rank=1)  # only rank 0 speaks
+    prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300"), max_seq_len=16)  # a BPE that got its size
+    assert "stopped at" not in capsys.readouterr().out
