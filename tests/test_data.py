@@ -142,6 +142,29 @@ def test_too_short_validation_part_grows_to_one_window(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     d = prepare_data(make_cfg(tmp_path, tmp_path / "a.jsonl"), max_seq_len=64)
     assert len(d.val_tokens) >= 65
+    assert d.val_source.endswith("grown to hold one window)"), d.val_source
+
+
+def test_validation_is_named_on_every_run(tmp_path, capsys):
+    own, corpus = tmp_path / "own", tmp_path / "corpus"
+    own.mkdir(), corpus.mkdir()
+    (own / "train.txt").write_text(make_text(200))
+    (own / "validation.txt").write_text(make_text(50, tag="V"))
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text(make_text(100, seed=i))
+    (tmp_path / "a.txt").write_text(make_text(300))
+    cases = [(own, 0.01, "the source's own 'validation' split (1 document, {:,} tokens)"),
+             (corpus, 0.25, "the last 25% of documents (1 of 4, {:,} tokens)"),
+             (tmp_path / "a.txt", 0.1, "the last 10% of tokens of the single text ({:,} tokens)")]
+    for dataset, val_fraction, expected in cases:
+        for run in ("built", "cached"):  # a reused cache entry says it too
+            d = prepare_data(make_cfg(tmp_path, dataset, val_fraction=val_fraction), max_seq_len=16)
+            assert d.val_source == expected.format(len(d.val_tokens))
+            out = capsys.readouterr().out
+            assert [line for line in out.splitlines() if line.startswith("data: validation")] == [f"data: validation: {d.val_source}"]
+            assert ("data: tokenizing" in out) == (run == "built"), out
+    prepare_data(make_cfg(tmp_path, own), max_seq_len=16, rank=1)  # only rank 0 speaks
+    assert capsys.readouterr().out == ""
 
 
 def test_batches_shapes_shift_and_ranks(tmp_path):
