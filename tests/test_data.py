@@ -1,4 +1,5 @@
-"""Tests for data.py: sources, tokenizers, the token cache, the split and the batch iterators.
+"""Tests for data.py: prepare_data, the token cache, the train/val split, the batch iterators,
+the hub fallback and one-line errors for bad input.
 
 Offline by construction: HF_HUB_OFFLINE=1 is set before anything imports huggingface_hub,
 and every text is written by the test into tmp_path.
@@ -7,50 +8,22 @@ and every text is written by the test into tmp_path.
 import io
 import json
 import os
-import random
 import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 import data
+import sources
 from config import TrainConfig
-from data import BatchIterator, DataError, decode, encode, eval_batches, load_tokenizer, prepare_data, save_tokenizer
+from conftest import documents, make_cfg, make_text, one_line_error
+from data import BatchIterator, DataError, eval_batches, prepare_data
+from tokenizer import decode, load_tokenizer, save_tokenizer
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls hum softly near old oak trees".split()
-
-
-def make_text(n_lines, seed=0, tag="L"):
-    """Lines that are each unique (numbered), so overlap between splits is easy to see."""
-    rng = random.Random(seed)
-    return "".join(f"{tag}{i:05d} " + " ".join(rng.choice(WORDS) for _ in range(8)) + "\n" for i in range(n_lines))
-
-
-def make_cfg(tmp_path, dataset, tokenizer="char", **overrides):
-    return TrainConfig(dataset=str(dataset), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), **overrides)
-
-
-def one_line_error(excinfo, *words):
-    message = str(excinfo.value)
-    assert "\n" not in message and all(w in message for w in words), message
-
-
-def documents(d):
-    """All tokens (train then val) split into documents at EOS, decoded."""
-    ids = np.concatenate([d.train_tokens, d.val_tokens]).tolist()
-    docs, start = [], 0
-    for i, t in enumerate(ids):
-        if t == d.eos_id:
-            docs.append(decode(d.tokenizer, ids[start:i]))
-            start = i + 1
-    return docs
-
-
-# ----------------------------------------------------------------------------- sources
+# ----------------------------------------------------------------------------- sources to tokens
 
 def test_txt_file_char_splits_by_tokens(tmp_path):
     text = make_text(400)
@@ -66,100 +39,14 @@ def test_txt_file_char_splits_by_tokens(tmp_path):
     assert d.sample_prompt and all(word in text for word in d.sample_prompt.split())
 
 
-def test_folder_of_txt_files_bpe(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    texts = [make_text(120, seed=i, tag=f"F{i}") for i in range(4)]
-    for i, text in enumerate(texts):
-        (folder / f"part{i}.txt").write_text(text)
-    (folder / "README.md").write_text("not text data")  # other file types in a folder are ignored
-    d = prepare_data(make_cfg(tmp_path, folder, "bpe:300", val_fraction=0.25), max_seq_len=32)
-    assert d.source == "corpus (4 files) + bpe:300" and d.vocab_size <= 300
-    assert documents(d) == texts  # one document per file, each ending with EOS
-    assert decode(d.tokenizer, d.val_tokens) == texts[-1]  # the last val_fraction of the documents
-
-
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
-def test_table_files(tmp_path, suffix):
-    rows = [{"id": i, "text": make_text(6, seed=i, tag=f"R{i}")} for i in range(50)]
-    path = tmp_path / f"rows{suffix}"
-    if suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif suffix == ".json":
-        path.write_text(json.dumps(rows))
-    elif suffix == ".parquet":
-        pd.DataFrame(rows).to_parquet(path)
-    else:
-        pd.DataFrame(rows).to_csv(path, index=False)
-    d = prepare_data(make_cfg(tmp_path, path, val_fraction=0.1), max_seq_len=16)
-    assert documents(d) == [r["text"] for r in rows]
-    assert decode(d.tokenizer, d.val_tokens) == "".join(r["text"] for r in rows[45:])  # last 5 rows
-
-
-def test_own_validation_split_and_text_column(tmp_path):
-    folder = tmp_path / "ds"
-    folder.mkdir()
-    train = [make_text(8, seed=i, tag="T") for i in range(20)]
-    val = [make_text(8, seed=100 + i, tag="V") for i in range(3)]  # 'V' only in validation
-    (folder / "train.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in train))
-    (folder / "validation.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in val))
-    d = prepare_data(make_cfg(tmp_path, folder, text_column="body"), max_seq_len=16)
-    assert decode(d.tokenizer, d.train_tokens) == "".join(train)
-    # the vocabulary comes from the training split only: 'V' is unknown
-    assert encode(d.tokenizer, "V") == [d.tokenizer.unk_token_id]
-    assert decode(d.tokenizer, d.val_tokens) == "".join(val).replace("V", "")
-
-
-def test_local_tokenizer_folder(tmp_path):
-    (tmp_path / "a.txt").write_text(make_text(300))
-    first = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "bpe:320"), max_seq_len=32)
-    save_tokenizer(first.tokenizer, tmp_path / "tok")
-    # a tokenizer.json that truncates (some hub ones do) must not cut documents short
-    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
-    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
-    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
-    d = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", str(tmp_path / "tok")), max_seq_len=32)
-    assert d.source.endswith("+ tokenizer " + str(tmp_path / "tok"))
-    assert d.vocab_size == first.vocab_size and d.eos_id == first.eos_id
-    np.testing.assert_array_equal(d.train_tokens, first.train_tokens)
-
-
-def test_tokenizer_without_eos_gets_one(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator([make_text(100)], trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "noeos")
-    (tmp_path / "a.txt").write_text(make_text(300))
-    d = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", str(tmp_path / "noeos")), max_seq_len=32)
-    assert d.tokenizer.eos_token == "<|endoftext|>" and d.eos_id == d.vocab_size - 1 == 300
-    assert d.val_tokens[-1] == d.eos_id
-
-
-def test_embedded_corpus_is_clean_text(tmp_path):
-    plays = [data.clean_play(f.read_text(encoding="utf-8")) for f in data._shakespeare_files()]
-    assert len(plays) >= 36
-    text = "".join(plays)
-    assert len(text) > 4_000_000
-    for markup in ("**", "#", "_", "  \n", "\\[", "\n\n\n"):
-        assert markup not in text, markup
-    assert "ROMEO:\n" in text and "To be, or not to be" in text and "Othello\n\nACT I\n" in text
-    d = prepare_data(make_cfg(tmp_path, "shakespeare", max_tokens=20_000), max_seq_len=64)
-    assert d.source.startswith("shakespeare (embedded, ") and d.sample_prompt == "ROMEO:"
-    assert len(d.train_tokens) + len(d.val_tokens) == 20_000
-    assert encode(d.tokenizer, "ROMEO:") != []
-
-
 def test_chunked_tokenization_matches_and_respects_max_tokens(tmp_path, monkeypatch):
     text = make_text(500)
     (tmp_path / "a.txt").write_text(text)
     whole = prepare_data(make_cfg(tmp_path / "1", tmp_path / "a.txt"), max_seq_len=16)
-    monkeypatch.setattr(data, "PIECE_CHARS", 50)
+    monkeypatch.setattr(sources, "PIECE_CHARS", 50)
     monkeypatch.setattr(data, "BATCH_CHARS", 300)
     long_line = "x" * 500 + "\n" + "y\n" * 100
-    pieces = list(data._pieces(long_line))
+    pieces = list(sources._pieces(long_line))
     assert "".join(pieces) == long_line and max(map(len, pieces)) <= 100
     chunked = prepare_data(make_cfg(tmp_path / "2", tmp_path / "a.txt"), max_seq_len=16)
     np.testing.assert_array_equal(chunked.train_tokens, whole.train_tokens)
@@ -176,29 +63,6 @@ def test_large_vocab_uses_uint32(tmp_path):
     assert decode(d.tokenizer, np.concatenate([d.train_tokens, d.val_tokens])) == text
 
 
-# ----------------------------------------------------------------------------- tokenizers
-
-@pytest.mark.parametrize("kind", ["char", "bpe:300"])
-def test_tokenizer_round_trip(tmp_path, kind):
-    # the special characters go first: the vocabulary comes from the training text only,
-    # and the end of a single file is validation
-    (tmp_path / "a.txt").write_text("tabs\tand ünïcödé, — and!\r\nmore\n" + make_text(300))
-    tok = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", kind), max_seq_len=16).tokenizer
-    save_tokenizer(tok, tmp_path / "out")
-    loaded = load_tokenizer(tmp_path / "out")
-    sample = "L00001 the quick brown fox\n\n  jumps, over ünïcödé\ttabs!\n"
-    assert encode(loaded, sample) == encode(tok, sample)
-    assert decode(loaded, encode(loaded, sample)) == sample
-    assert len(loaded) == len(tok) and loaded.eos_token_id == tok.eos_token_id
-    assert loaded.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
-
-
-def test_char_tokenizer_maps_unseen_characters_to_unk(tmp_path):
-    (tmp_path / "a.txt").write_text(make_text(200))
-    tok = prepare_data(make_cfg(tmp_path, tmp_path / "a.txt"), max_seq_len=16).tokenizer
-    assert encode(tok, "Zé") == [tok.unk_token_id] * 2  # make_text has neither
-
-
 # ----------------------------------------------------------------------------- cache
 
 def test_cache_is_reused_without_tokenizing(tmp_path, monkeypatch):
@@ -210,7 +74,7 @@ def test_cache_is_reused_without_tokenizing(tmp_path, monkeypatch):
         raise AssertionError("re-tokenized although the cache was complete")
 
     monkeypatch.setattr(data, "_write_tokens", fail)
-    monkeypatch.setattr(data, "_build_tokenizer", fail)
+    monkeypatch.setattr(data, "build_tokenizer", fail)
     start = time.perf_counter()
     second = prepare_data(cfg, max_seq_len=32)
     assert time.perf_counter() - start < 1.0
@@ -278,6 +142,29 @@ def test_too_short_validation_part_grows_to_one_window(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     d = prepare_data(make_cfg(tmp_path, tmp_path / "a.jsonl"), max_seq_len=64)
     assert len(d.val_tokens) >= 65
+    assert d.val_source.endswith("grown to hold one window)"), d.val_source
+
+
+def test_validation_is_named_on_every_run(tmp_path, capsys):
+    own, corpus = tmp_path / "own", tmp_path / "corpus"
+    own.mkdir(), corpus.mkdir()
+    (own / "train.txt").write_text(make_text(200))
+    (own / "validation.txt").write_text(make_text(50, tag="V"))
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text(make_text(100, seed=i))
+    (tmp_path / "a.txt").write_text(make_text(300))
+    cases = [(own, 0.01, "the source's own 'validation' split (1 document, {:,} tokens)"),
+             (corpus, 0.25, "the last 25% of documents (1 of 4, {:,} tokens)"),
+             (tmp_path / "a.txt", 0.1, "the last 10% of tokens of the single text ({:,} tokens)")]
+    for dataset, val_fraction, expected in cases:
+        for run in ("built", "cached"):  # a reused cache entry says it too
+            d = prepare_data(make_cfg(tmp_path, dataset, val_fraction=val_fraction), max_seq_len=16)
+            assert d.val_source == expected.format(len(d.val_tokens))
+            out = capsys.readouterr().out
+            assert [line for line in out.splitlines() if line.startswith("data: validation")] == [f"data: validation: {d.val_source}"]
+            assert ("data: tokenizing" in out) == (run == "built"), out
+    prepare_data(make_cfg(tmp_path, own), max_seq_len=16, rank=1)  # only rank 0 speaks
+    assert capsys.readouterr().out == ""
 
 
 def test_batches_shapes_shift_and_ranks(tmp_path):
@@ -323,7 +210,7 @@ def test_eval_batches_are_fixed_and_spread():
 # ----------------------------------------------------------------------------- offline hub defaults
 
 def test_hub_defaults_fall_back_offline(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "DEFAULT_BPE_VOCAB", 300)  # the real default takes seconds to train
+    monkeypatch.setattr("tokenizer.DEFAULT_BPE_VOCAB", 300)  # the real default takes seconds to train
     start = time.perf_counter()
     d = prepare_data(TrainConfig(cache_dir=str(tmp_path / "cache"), max_tokens=20_000), max_seq_len=64)
     assert time.perf_counter() - start < 30
@@ -353,7 +240,8 @@ def test_hub_ids_with_a_stand_in_hub_then_offline_from_cache(tmp_path, monkeypat
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
                                    "test": datasets.Dataset.from_dict({"text": test})})
     real_from_pretrained = transformers.AutoTokenizer.from_pretrained
-    monkeypatch.setattr(data, "_require_hub", lambda: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(sources, "_probe_hub", lambda: "")  # the hub answers
     monkeypatch.setattr(datasets, "load_dataset", lambda name, **kwargs: splits if name == "someone/ds" else 1 / 0)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kwargs: real_from_pretrained(
         str(tmp_path / "tok") if name == "someone/tok" else name, **kwargs))
@@ -361,20 +249,9 @@ def test_hub_ids_with_a_stand_in_hub_then_offline_from_cache(tmp_path, monkeypat
     d = prepare_data(cfg, max_seq_len=16)
     assert d.source == "someone/ds + someone/tok"
     assert documents(d) == train + test and decode(d.tokenizer, d.val_tokens) == "".join(test)
-
-    def offline():
-        raise data._HubUnreachable("offline")
-
-    monkeypatch.setattr(data, "_require_hub", offline)  # a second run needs no network at all
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a second run needs no network at all
     again = prepare_data(cfg, max_seq_len=16)
     np.testing.assert_array_equal(again.val_tokens, d.val_tokens)
-
-
-def test_hub_probe_answers_quickly(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    start = time.perf_counter()
-    data._probe_hub.__wrapped__()  # reachable or not, it must not hang
-    assert time.perf_counter() - start < 5
 
 
 # ----------------------------------------------------------------------------- bad input
