@@ -295,7 +295,7 @@ def make_configs(preset: str | None = None, **overrides) -> tuple:
 def parse_args(argv=None) -> tuple:
     """CLI -> (ModelConfig, TrainConfig, preset name, whether --preset was given). Bad input exits with one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    first = argparse.ArgumentParser(add_help=False)
+    first = OneLineParser(add_help=False)
     first.add_argument("--preset", choices=sorted(PRESETS))
     known, _ = first.parse_known_args(argv)
     default = default_preset()

@@ -39,8 +39,7 @@ import torch
 from common import atomic_write
 from config import TrainConfig
 from sources import SHAKESPEARE, DataError, HubUnreachable, looks_like_path, open_source, split_docs
-from tokenizer import build_tokenizer, load_hub_tokenizer, parse_builtin, with_eos
-from tokenizer import decode, encode, load_tokenizer, save_tokenizer  # re-exported for callers
+from tokenizer import build_tokenizer, decode, load_hub_tokenizer, load_tokenizer, parse_builtin, save_tokenizer, with_eos
 
 DEFAULT_DATASET = TrainConfig.dataset
 DEFAULT_TOKENIZER = TrainConfig.tokenizer

@@ -12,7 +12,7 @@ From Python (a notebook):
     print(tokenizer.decode(list(generate(model, ids, 100, seed=0))))
     generate_batch(model, [ids, other_ids], 100, temperature=0)   # several prompts decoded together
 
-One engine (`decode`) serves both: it prefills the prompts once, as a batch padded on the
+One engine (`engine`) serves both: it prefills the prompts once, as a batch padded on the
 left, then samples every row one token at a time through the KV cache, on CPU and GPU alike.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import data
 from common import pick_device, pick_dtype
 from config import OneLineParser, SampleConfig, add_fields
+from tokenizer import decode, encode, load_tokenizer
 
 # --samples: prompts in the style of what the model was trained on (sample_prompt from config.json goes first)
 SHAKESPEARE_PROMPTS = ("ROMEO:", "JULIET:\nO Romeo, Romeo!", "HAMLET: To be, or not to be,",
@@ -48,7 +48,7 @@ def load_checkpoint(out_dir="out", device=None, dtype="auto") -> tuple:
     device = pick_device(device)
     model, _ = checkpoint.load_model(out_dir, device, pick_dtype(dtype, device))
     try:
-        tokenizer = data.load_tokenizer(out_dir / checkpoint.TOKENIZER_DIR)
+        tokenizer = load_tokenizer(out_dir / checkpoint.TOKENIZER_DIR)
     except Exception as e:  # missing (DataError) or unreadable (whatever transformers raises): one line either way
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise checkpoint.CheckpointError(f"cannot load the tokenizer saved with the checkpoint ({first}); "
@@ -106,7 +106,7 @@ def check_settings(temperature, top_k, top_p, repetition_penalty):
 # ----------------------------------------------------------------------------- the engine
 
 @torch.inference_mode()
-def decode(model, prompts: list, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
+def engine(model, prompts: list, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
            top_p: float | None = 0.9, repetition_penalty: float = 1.0, eos_id: int | None = None,
            generator: torch.Generator | None = None):
     """The sampling engine: yields, for each step, the list of the B rows' new token ids.
@@ -182,7 +182,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, t
     `seed` (or a torch.Generator) makes sampling reproducible. An empty prompt starts from eos_id,
     the separator between training documents.
     """
-    for new in decode(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+    for new in engine(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
                       _generator(model, seed, generator)):
         yield new[0]
         if new[0] == eos_id:
@@ -196,7 +196,7 @@ def generate_batch(model, prompts: list, max_new_tokens: int, temperature: float
     lists, each ending at its row's eos_id if that was sampled. At temperature 0 each row is what
     `generate` gives for its prompt alone."""
     outputs = [[] for _ in prompts]
-    for new in decode(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
+    for new in engine(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id,
                       _generator(model, seed, generator)):
         for out, token in zip(outputs, new):
             if not out or out[-1] != eos_id:
@@ -209,7 +209,7 @@ def generate_batch(model, prompts: list, max_new_tokens: int, temperature: float
 def stream(model, tokenizer, prompt: str, args, out=None) -> tuple:
     """Print the continuation of `prompt` as it is generated; return (number of tokens, seconds)."""
     out = out or sys.stdout
-    ids = data.encode(tokenizer, prompt)
+    ids = encode(tokenizer, prompt)
     new, printed = [], ""
     start = time.perf_counter()
     for token in generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -217,7 +217,7 @@ def stream(model, tokenizer, prompt: str, args, out=None) -> tuple:
         new.append(token)
         # Decode everything generated so far and print what is new: one BPE token can hold half of a
         # multi-byte character, which decodes to U+FFFD until the next token completes it.
-        text = data.decode(tokenizer, new)
+        text = decode(tokenizer, new)
         if not text.endswith("\ufffd"):
             out.write(text[len(printed):])
             out.flush()

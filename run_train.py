@@ -30,6 +30,7 @@ from common import atomic_write, autocast, gpu_peak_flops, pick_device, pick_dty
 from config import parse_args
 from model import Blueberry
 from muon import build_optimizers, optimizer_step, set_lr_scale, set_muon_momentum
+from tokenizer import decode, encode, save_tokenizer
 
 FULL_VAL_TOKENS = {"cuda": 2_000_000, "mps": 500_000, "cpu": 200_000}  # final eval covers all of val below this
 
@@ -95,11 +96,11 @@ def plot_losses(metrics_path: Path, png_path: Path):
 
 def sample_text(model, tokenizer, prompt, n_tokens, amp) -> str:
     from inference import generate  # sampling lives in inference.py; imported late to keep startup light
-    ids = data.encode(tokenizer, prompt)
+    ids = encode(tokenizer, prompt)
     model.eval()  # called once training is over: no dropout in the sample
     with amp:
         new = list(generate(model, ids, n_tokens, eos_id=tokenizer.eos_token_id))
-    return prompt + data.decode(tokenizer, new)
+    return prompt + decode(tokenizer, new)
 
 
 def progress_bar(train_cfg, progress, master):
@@ -165,11 +166,11 @@ def train(argv=None):
             model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     metrics_path, png_path = out_dir / checkpoint.METRICS, out_dir / "loss.png"
-    run_info = {"train": dataclasses.asdict(train_cfg), "dataset": bundle.source,
+    run_info = {"train": dataclasses.asdict(train_cfg), "dataset": bundle.source, "validation": bundle.val_source,
                 "sample_prompt": bundle.sample_prompt, "preset": preset}
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        data.save_tokenizer(bundle.tokenizer, out_dir / checkpoint.TOKENIZER_DIR)
+        save_tokenizer(bundle.tokenizer, out_dir / checkpoint.TOKENIZER_DIR)
         if resume:
             checkpoint.truncate_metrics(metrics_path, progress["step"])
         elif metrics_path.exists():

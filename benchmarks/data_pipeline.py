@@ -11,14 +11,14 @@ from benchmarks.common import ENV, REPO, alternate, machine, print_table, verdic
 # set (Linux /proc; ru_maxrss would also count the imports' peak). Prints: rss_before peak tokens seconds.
 _PEAK_CHILD = """
 import sys, threading, time
-import data
+import data, tokenizer
 from config import TrainConfig
 
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
 
-data.load_tokenizer(sys.argv[2])  # import transformers before the baseline is read
+tokenizer.load_tokenizer(sys.argv[2])  # import transformers before the baseline is read
 before = peak = rss_mb()
 done = False
 
@@ -57,13 +57,15 @@ def child(script: str, *argv) -> list:
 def cmd_data(args):
     import numpy as np
     import data
+    import sources
+    from tokenizer import save_tokenizer
     from config import TrainConfig
     print(f"machine: {machine()}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         tmp = Path(tmp)
         cfg = TrainConfig(dataset="shakespeare", tokenizer="bpe", cache_dir=str(tmp / "cache"))
-        source = data._shakespeare_source()
+        source = sources.open_source(sources.SHAKESPEARE, cfg)
 
         def once(fn):  # a one-off step (the second call would hit the cache)
             return alternate({"": fn}, rounds=1, warmup=0)[""]
@@ -93,8 +95,8 @@ def cmd_data(args):
                      f"mostly its first transformers import; + {imported:.1f} s to import data (torch)"))
 
         # peak memory: a file larger than the memory budget, through prepare_data in a fresh process
-        text = "".join(data.clean_play(f.read_text(encoding="utf-8")) for f in data._shakespeare_files())
-        data.save_tokenizer(tokenizer, tmp / "tok")
+        text = "".join(sources.clean_play(f.read_text(encoding="utf-8")) for f in sources.shakespeare_files())
+        save_tokenizer(tokenizer, tmp / "tok")
         path = tmp / "big.txt"
         with open(path, "w") as f:
             for _ in range(-(-args.file_mb * 2**20 // len(text))):

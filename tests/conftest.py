@@ -22,8 +22,9 @@ TINY_RUN = ["--batch_size", "8", "--max_steps", "40", "--time_budget", "0", "--e
 def run_script(script, *args, timeout=300, env=None, **kwargs):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    kwargs.setdefault("capture_output", True)
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+                          text=True, timeout=timeout, **kwargs)
 
 
 def assert_one_line_error(proc, *needles):

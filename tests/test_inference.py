@@ -1,4 +1,5 @@
 import io
+import os
 import shutil
 
 import pytest
@@ -6,13 +7,13 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-import data
 import inference
 from common import pick_dtype
 from config import ModelConfig, SampleConfig
 from conftest import assert_one_line_error, run_script
 from inference import apply_repetition_penalty, generate, generate_batch, load_checkpoint, sample_next
 from model import Blueberry
+from tokenizer import decode, encode, load_tokenizer, save_tokenizer
 
 CONTEXT = 32
 
@@ -209,7 +210,7 @@ def test_stream_prints_multibyte_characters_whole(monkeypatch):
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     text = "héllo 😀 wörld"
-    ids = data.encode(tokenizer, text)
+    ids = encode(tokenizer, text)
     assert len(ids) == len(text.encode())
     monkeypatch.setattr(inference, "generate", lambda *args, **kwargs: iter(ids))
 
@@ -231,7 +232,7 @@ def test_load_checkpoint(trained_run):
     assert not model.training and next(model.parameters()).dtype == pick_dtype("auto", torch.device("cpu"))
     assert next(load_checkpoint(trained_run, "cpu", "fp32")[0].parameters()).dtype == torch.float32
     assert len(tokenizer) == model.cfg.vocab_size
-    ids = data.encode(tokenizer, "ROMEO:")
+    ids = encode(tokenizer, "ROMEO:")
     out = list(generate(model, ids, 10, seed=0, eos_id=tokenizer.eos_token_id))
     assert 1 <= len(out) <= 10 and all(0 <= t < model.cfg.vocab_size for t in out)
 
@@ -241,8 +242,8 @@ def test_cli_one_shot_streams_the_greedy_continuation(trained_run):
                       "--temperature", 0, "--verbose")
     assert proc.returncode == 0, proc.stderr
     model, tokenizer = load_checkpoint(trained_run, "cpu")
-    new = list(generate(model, data.encode(tokenizer, "ROMEO:"), 25, temperature=0, eos_id=tokenizer.eos_token_id))
-    assert proc.stdout == "ROMEO:" + data.decode(tokenizer, new) + "\n"
+    new = list(generate(model, encode(tokenizer, "ROMEO:"), 25, temperature=0, eos_id=tokenizer.eos_token_id))
+    assert proc.stdout == "ROMEO:" + decode(tokenizer, new) + "\n"
     assert "tokens/s" in proc.stderr
 
 
@@ -302,9 +303,9 @@ def test_missing_tokenizer_is_one_line(broken_run):
 
 
 def test_mismatched_tokenizer_vocabulary_is_one_line(broken_run):
-    tokenizer = data.load_tokenizer(broken_run / "tokenizer")
+    tokenizer = load_tokenizer(broken_run / "tokenizer")
     tokenizer.add_tokens(["<extra-1>", "<extra-2>"])  # what another run's tokenizer looks like to this model
-    data.save_tokenizer(tokenizer, broken_run / "tokenizer")
+    save_tokenizer(tokenizer, broken_run / "tokenizer")
     assert_one_line_error(run_script("inference.py", "--out_dir", broken_run, "--prompt", "x"), "vocabulary")
 
 
@@ -315,3 +316,53 @@ def test_missing_or_empty_prompts_file_is_one_line(trained_run, tmp_path, conten
         path.write_text(content)
     proc = run_script("inference.py", "--out_dir", trained_run, "--prompts_file", path)
     assert_one_line_error(proc, "prompts file")
+
+
+def test_truncated_weights_are_reported_as_damaged(broken_run):
+    weights = broken_run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_one_line_error(run_script("inference.py", "--out_dir", broken_run, "--prompt", "x"), "is damaged")
+
+
+def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(trained_run):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    proc = subprocess.Popen([sys.executable, str(REPO / "inference.py"), "--out_dir", str(trained_run),
+                             "--max_new_tokens", "1000000", "--seed", "0"], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    proc.stdin.write("ROMEO:\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(60).startswith("ROMEO:")  # the answer is streaming
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("quit\n", timeout=120)  # read at the prompt the stopped answer returned to
+    assert proc.returncode == 0 and "[stopped]" in err and "Traceback" not in err, err
+
+
+def test_ctrl_d_at_the_prompt_ends_on_a_new_line(trained_run):
+    """On a terminal, Ctrl-D ends the session and leaves the shell's prompt on a line of its own."""
+    import pty
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / "inference.py"), "--out_dir", str(trained_run)], cwd=REPO,
+                            stdin=follower, stdout=follower, stderr=follower, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(follower)
+    seen, deadline = b"", time.time() + 60
+    while b"> " not in seen and time.time() < deadline:
+        seen += os.read(leader, 1024)
+    os.write(leader, b"\x04")
+    assert proc.wait(timeout=60) == 0
+    try:
+        while chunk := os.read(leader, 1024):
+            seen += chunk
+    except OSError:  # the terminal closes with the process
+        pass
+    os.close(leader)
+    assert seen.endswith(b"> \r\n"), seen  # without the newline the shell's prompt would follow "> "

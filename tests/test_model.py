@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import LLAMA_SWITCHES, ModelConfig, llama_equivalent
+from config import LLAMA_SWITCHES, ModelConfig
 from model import Blueberry, LinearCrossEntropy, llama_config, to_llama_state_dict
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=48)

@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import signal
 import subprocess
@@ -196,3 +197,23 @@ def test_diverged_loss_stops_with_one_line_and_keeps_the_last_checkpoint(trained
     assert last.startswith("error: loss became nan") and "last good checkpoint" in last, last
     for name, data in before.items():
         assert (out / name).read_bytes() == data, f"{name} changed"
+
+
+def test_console_lines_come_before_the_bar_and_the_log_has_the_learning_rates(tmp_path, cache_dir):
+    """What a user sees in one terminal (stdout and stderr together): the run line on a line of its own before
+    tqdm draws, a time-budget bar in seconds (not a rate like '1.00s/s'); the log holds both learning rates."""
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", "100000", "--time_budget", 3,
+                      "--log_every", 2, "--out_dir", tmp_path / "out", "--cache_dir", cache_dir, "--sample_tokens", 0,
+                      capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.returncode == 0, proc.stdout
+    console = proc.stdout
+    assert console.index("training on cpu") < console.index("train:")
+    assert "training on cpu" in console.splitlines()[console[:console.index("training on cpu")].count("\n")]
+    assert not re.search(r"\ds/s", console) and "/3 s" in console
+    assert "data: validation:" in console
+    rows = [r for r in metrics(tmp_path / "out") if "loss" in r]
+    cfg = TrainConfig()
+    for r in rows:
+        assert r["muon_lr"] == pytest.approx(cfg.muon_lr * r["lr_scale"])
+        assert r["adamw_lr"] == pytest.approx(cfg.adamw_lr * r["lr_scale"])
+    assert "lr" not in rows[0]
