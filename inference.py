@@ -142,7 +142,7 @@ def engine(model, prompts: list, max_new_tokens: int, temperature: float = 0.8, 
         pad = [width - len(w) for w in windows]
         idx = torch.tensor([[0] * p + w for w, p in zip(windows, pad)], device=device)  # 0: any id, never seen
         cache.reset(torch.tensor(pad, device=device) if any(pad) else None)
-        return model(idx, cache=cache)[:, -1]
+        return model(idx, cache=cache, logits_to_keep=1)[:, -1]
 
     logits = prefill()
     finished = [False] * len(rows)

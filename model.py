@@ -16,32 +16,31 @@ import torch.nn.functional as F
 from config import ModelConfig
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 as Hugging Face Llama does, returned in x's dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in fp32, as Hugging Face Llama computes it, and returned in the input's dtype:
+    under autocast the input arrives in bf16 or fp16, and an inference model may hold bf16 gains."""
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
-    """cos/sin tables (max_len, 1, head_dim) for rotate-half RoPE, as Hugging Face Llama builds them.
-    The 1 broadcasts over heads."""
+    """cos/sin tables (max_len, 1, head_dim) for rotate-half RoPE, as Hugging Face Llama builds them, with the
+    sign of rotate_half folded into the first half of sin (see apply_rope). The 1 broadcasts over heads."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_len).float(), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+    cos, sin = angles.cos(), angles.sin()
+    sin[:, :head_dim // 2] *= -1
+    return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
 def apply_rope(x, cos, sin):
     """x: (B, T, H, D); cos/sin: (T, 1, D), or (B, T, 1, D) for per-row positions. Rotate-half convention:
-    channel i pairs with i + D/2, and x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    channel i pairs with i + D/2, x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), which is
+    x rolled by D/2 with the first half negated: that sign lives in the sin table, so this is one fused
+    multiply-add."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -156,8 +155,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, sum(self.split), bias=False)
         self.qkv.weight.muon_split = self.split
         self.attn_gate = cfg.attn_gate
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
@@ -173,9 +172,15 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        dropout = self.dropout if self.training else 0.0
+        if T == 1:
+            # One new token sees every key it is given: the query heads that share a kv head are a batch of
+            # queries for it, so each kv head is read once, with no copy of the keys per query head.
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask,
+                                               dropout_p=dropout).view(B, self.n_heads, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
         if self.attn_gate:
             y = y * torch.sigmoid(gate[0])
@@ -200,13 +205,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.pre_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.pre_attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.pre_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.pre_mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.ffn_hidden(layer))
         # sandwich norm: also normalize each sublayer's output before it joins the residual
-        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
-        self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
+        self.post_attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
+        self.post_mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
@@ -221,7 +226,7 @@ class Blueberry(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -234,7 +239,7 @@ class Blueberry(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
         for i, block in enumerate(self.blocks):
             # depth-aware init: wide late MLPs start with smaller input weights
@@ -265,7 +270,10 @@ class Blueberry(nn.Module):
         cache.reset(None if pad is None else torch.as_tensor(pad, device=weight.device))
         return cache
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, logits_to_keep: int = 0):
+        """Logits (B, T, vocab), or (logits, fp32 mean loss) with `targets` (-100 is ignored). With a cache, the
+        new tokens are appended to it. `logits_to_keep`: only the last that many positions get logits (0 = all),
+        as in transformers: a prefill needs the last one alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         limit = self.cfg.max_seq_len if cache is None else cache.max_len
@@ -285,7 +293,7 @@ class Blueberry(nn.Module):
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        x = self.norm(x)
+        x = self.norm(x[:, -logits_to_keep:])
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if targets is None:
             return F.linear(x, head)
