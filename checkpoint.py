@@ -69,6 +69,24 @@ def load_model(out_dir, device="cpu", dtype=None) -> tuple:
     return model.to(device=device, dtype=dtype).eval(), config
 
 
+def load_pretrained(spec, device="cpu") -> tuple:
+    """What --init_from names -> (model, tokenizer, description): a Blueberry run's out_dir (its weights,
+    model settings and tokenizer). One-line CheckpointError for a missing or incomplete one."""
+    from tokenizer import load_tokenizer  # (tokenizer.py imports the data sources: only --init_from needs them)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"--init_from {spec}: no such folder; give the out_dir of a Blueberry run")
+    model, config = load_model(path, device)
+    try:
+        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"--init_from {spec}: {first_line(e)}; the run is incomplete")
+    if len(tokenizer) != model.cfg.vocab_size:
+        raise CheckpointError(f"--init_from {spec}: its tokenizer has {len(tokenizer)} tokens but its model "
+                              f"{model.cfg.vocab_size}: they come from different runs")
+    return model.train(), tokenizer, f"{path} (step {config.get('step', 0)})"
+
+
 # ----------------------------------------------------------------------------- the resume state
 
 def rng_state() -> dict:

@@ -111,6 +111,9 @@ class TrainConfig:
     val_fraction: float = option(0.01, "share of the data held out for validation when there is no validation split")
     max_tokens: int = option(0, "cap on tokens read from the source (0 = all)")
     cache_dir: str = option("data_cache", "where tokenizers and token caches are stored")
+    thinking: bool = option(True, "conversations: keep the assistant's steps (`thinking`); false trains on answers only")
+    init_from: str = option("", "start from this run's out_dir (weights, model settings, tokenizer) with fresh "
+                            "optimizer state; empty = from scratch")
     # optimization
     batch_size: int = option(32, "sequences per micro-batch per process")
     grad_accum_steps: int = option(1, "micro-batches per optimizer step")
@@ -133,6 +136,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_every: int = option(250, "steps between evaluations")
     eval_batches: int = option(20, "batches in each evaluation (the final one covers a small validation split whole)")
+    eval_answers: int = option(100, "held-out problems answered greedily at each evaluation (`arithmetic` data; 0 = "
+                               "none)")
     log_every: int = option(10, "steps between log lines")
     save_every: int = option(1000, "steps between checkpoints")
     out_dir: str = option("out", "output folder")
@@ -149,7 +154,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                      "save_every"):
             _check(getattr(self, name) > 0, name, "must be a positive integer")
-        for name in ("max_tokens", "muon_momentum_warmup_steps", "sample_tokens"):
+        for name in ("max_tokens", "muon_momentum_warmup_steps", "sample_tokens", "eval_answers"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("muon_lr", "adamw_lr"):
             _check(getattr(self, name) > 0, name, "must be > 0")
@@ -179,6 +184,7 @@ class SampleConfig:
     device: str = option("auto", "where to run (auto: CUDA, else MPS, else CPU)", choices=("auto", "cuda", "mps", "cpu"))
     dtype: str = option("auto", "`auto` (bf16 where native, fp16 on older GPUs, else fp32), or one precision",
                         choices=("auto", "fp32", "bf16", "fp16"))
+    hide_thinking: bool = option(False, "chat models: do not show the thinking steps, only the answer")
     verbose: bool = option(False, "print the model and tokens/s to stderr")
 
     def __post_init__(self):
@@ -293,21 +299,21 @@ def make_configs(preset: str | None = None, **overrides) -> tuple:
 
 
 def parse_args(argv=None) -> tuple:
-    """CLI -> (ModelConfig, TrainConfig, preset name, whether --preset was given). Bad input exits with one line."""
+    """CLI -> (ModelConfig, TrainConfig, preset name, the fields given on the command line: {name: value}, with
+    "preset" among them when it was given). Bad input exits with one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     first = OneLineParser(add_help=False)
     first.add_argument("--preset", choices=sorted(PRESETS))
     known, _ = first.parse_known_args(argv)
     default = default_preset()
     preset = known.preset or default
-    args = vars(build_parser(preset, default).parse_args(argv))
-    args.pop("preset")
+    given = {k: v for k, v in vars(build_parser(preset, default).parse_args(argv)).items() if v is not None}
     try:
-        model_cfg, train_cfg = make_configs(preset, **args)
+        model_cfg, train_cfg = make_configs(preset, **{k: v for k, v in given.items() if k != "preset"})
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(2)
-    return model_cfg, train_cfg, preset, known.preset is not None
+    return model_cfg, train_cfg, preset, given
 
 
 def markdown_table() -> str:

@@ -21,6 +21,7 @@ ranks: they find everything in the cache. Building is deterministic and every wr
 atomic, so ranks that race (no barrier) each build the same files safely, just slower.
 """
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -38,6 +39,7 @@ import torch
 
 from common import atomic_write
 from config import TrainConfig
+from conversations import is_conversation_data, prepare_conversations
 from sources import SHAKESPEARE, DataError, HubUnreachable, looks_like_path, open_source, split_docs
 from tokenizer import build_tokenizer, decode, load_hub_tokenizer, load_tokenizer, parse_builtin, save_tokenizer, with_eos
 
@@ -58,33 +60,48 @@ class Data:
     source: str  # human-readable, e.g. "shakespeare (embedded, 38 plays) + bpe:8192"
     val_source: str  # which text validates, e.g. "the last 1% of documents (3 of 250, 4,096 tokens)"
     sample_prompt: str  # a fitting prompt for a sample from the trained model
+    chat = False  # conversations (conversations.ConversationData) are chat data
+    answer_rows = ()
+
+    def batches(self, batch_size, seq_len, seed, rank=0, world_size=1, device="cpu"):
+        return BatchIterator(self.train_tokens, batch_size, seq_len, seed, rank, world_size, device)
+
+    def eval_batches(self, batch_size, seq_len, max_batches=None, device="cpu"):
+        return eval_batches(self.val_tokens, batch_size, seq_len, max_batches, device)
 
 
 # ----------------------------------------------------------------------------- entry point
 
-def prepare_data(train_cfg, max_seq_len, rank=0):
+def prepare_data(train_cfg, max_seq_len, rank=0, tokenizer=None):
     """Resolve the source and tokenizer, tokenize once into the cache, split train/val.
-    `rank` only silences the progress lines on ranks > 0 (see DDP in the module docstring)."""
-    dataset, tokenizer = train_cfg.dataset, train_cfg.tokenizer
+    `rank` only silences the progress lines on ranks > 0 (see DDP in the module docstring).
+    `tokenizer`: use this one (an --init_from model's) instead of train_cfg.tokenizer.
+    Conversation data (`arithmetic`, or rows with a `messages` column) goes to conversations.py."""
+    dataset, spec = train_cfg.dataset, train_cfg.tokenizer
+    if tokenizer is not None:
+        spec = tokenizer
     try:
-        return _prepare(dataset, tokenizer, train_cfg, max_seq_len, rank)
+        return _prepare(dataset, spec, train_cfg, max_seq_len, rank)
     except HubUnreachable as e:
         why = str(e)
     # only the defaults fall back: a hub id the user typed must not be silently swapped
     for kind, name, default in (("dataset", dataset, DEFAULT_DATASET), ("tokenizer", tokenizer, DEFAULT_TOKENIZER)):
-        if name != default and _is_hub_id(kind, name):
+        if isinstance(name, str) and name != default and _is_hub_id(kind, name):
             raise DataError(f"cannot reach the Hugging Face hub ({why}) for {kind} {name!r}, which is not a local "
                             f"path either; connect, or use a local path or 'shakespeare' / 'char' / 'bpe'")
     dataset = SHAKESPEARE if dataset == DEFAULT_DATASET else dataset
-    tokenizer = "bpe" if tokenizer == DEFAULT_TOKENIZER else tokenizer
+    spec = "bpe" if spec == DEFAULT_TOKENIZER else spec
     if rank == 0:
-        print(f"data: Hugging Face hub unreachable ({why}); falling back to dataset={dataset} tokenizer={tokenizer}")
-    return _prepare(dataset, tokenizer, train_cfg, max_seq_len, rank)
+        print(f"data: Hugging Face hub unreachable ({why}); falling back to dataset={dataset} tokenizer={spec}")
+    return _prepare(dataset, spec, train_cfg, max_seq_len, rank)
 
 
 def _prepare(dataset, tok_spec, cfg, max_seq_len, rank):
     if max_seq_len < 1:
         raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if is_conversation_data(dataset, cfg):
+        cfg = dataclasses.replace(cfg, dataset=dataset)
+        return prepare_conversations(cfg, max_seq_len, lambda source: _get_tokenizer(tok_spec, source, cfg, rank), rank)
     source = open_source(dataset, cfg)
     tokenizer, tok_name = _get_tokenizer(tok_spec, source, cfg, rank)
     tokens, meta = _get_tokens(source, tokenizer, tok_name, cfg, rank)
@@ -107,7 +124,10 @@ def _is_hub_id(kind, name):
 
 def _get_tokenizer(spec, source, cfg, rank):
     """-> (tokenizer, description). Built and hub tokenizers are cached in cache_dir, and are
-    always returned as loaded from there, so a first and a second run hash the same."""
+    always returned as loaded from there, so a first and a second run hash the same. A tokenizer
+    object (an --init_from model's) is used as it is."""
+    if not isinstance(spec, str):
+        return with_eos(spec), f"tokenizer {spec.name_or_path}"
     builtin = parse_builtin(spec)
     path = Path(spec).expanduser()
     if builtin is None and path.exists():

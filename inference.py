@@ -268,12 +268,28 @@ def interactive(answer):
                 print("\n[stopped]", file=sys.stderr)
 
 
+def chat(model, tokenizer, cfg, prompts):
+    """A chat model: each prompt is a user turn of its own conversation; no prompt opens a multi-turn chat."""
+    from chat import chat_session, reply
+    if prompts is None:
+        return chat_session(model, tokenizer, cfg, not cfg.hide_thinking, cfg.verbose)
+    tty = sys.stdout.isatty()
+    for i, prompt in enumerate(prompts):
+        if i:
+            print("-" * 40)
+        print(f"you> {prompt}")
+        _, _, n, seconds = reply(model, tokenizer, [{"role": "user", "content": prompt}], cfg, not cfg.hide_thinking, tty)
+        if cfg.verbose:
+            print(f"[{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Sample text from a trained Blueberry checkpoint.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="one prompt, answered once (with no prompt at all: interactive)")
     source.add_argument("--prompts_file", help="a text file with one prompt per line, each answered")
     source.add_argument("--samples", action="store_true", help="continue a few prompts that fit the training data")
+    p.epilog = "A chat model (trained on conversations) takes each prompt as a user turn; with none, a multi-turn chat."
     add_fields(p, SampleConfig)
     return p
 
@@ -301,6 +317,8 @@ def main(argv=None):
     if cfg.verbose:
         print(f"{model.summary()} | {next(model.parameters()).device} "
               f"{str(next(model.parameters()).dtype).removeprefix('torch.')}", file=sys.stderr)
+    if checkpoint.read_config(cfg.out_dir).get("chat"):  # trained on conversations: talk to it
+        return chat(model, tokenizer, cfg, prompts)
     if args.samples:
         prompts = default_prompts(checkpoint.read_config(cfg.out_dir))
 

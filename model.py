@@ -7,6 +7,7 @@ sandwich_norm, embed_scale, zero_init and depth_init off and equal ffn multiplie
 exactly `transformers.LlamaForCausalLM` (see `to_llama_state_dict`).
 """
 
+import dataclasses
 import math
 
 import torch
@@ -299,6 +300,23 @@ class Blueberry(nn.Module):
             return F.linear(x, head)
         logits, loss = LinearCrossEntropy.apply(x.reshape(B * T, -1), head, targets.reshape(-1))
         return logits.view(B, T, -1), loss
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, vocab_size: int):
+        """Grow the embedding and the head to `vocab_size` rows (new tokens, e.g. the chat format's): each new
+        row starts as the mean of the existing rows, so a new token begins as an average known one; every other
+        weight is unchanged. (The name transformers uses.)"""
+        old = self.cfg.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        for module in (self.embed, self.lm_head):
+            if module is not None:
+                grown = torch.cat((module.weight, module.weight.mean(0, keepdim=True).expand(vocab_size - old, -1)))
+                module.weight = nn.Parameter(grown)
+        self.embed.num_embeddings = vocab_size
+        if self.lm_head is not None:
+            self.lm_head.out_features = vocab_size
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=vocab_size)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the matmuls (embedding lookups excluded) + attention scores,

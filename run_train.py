@@ -28,6 +28,7 @@ import checkpoint
 import data
 from common import atomic_write, autocast, gpu_peak_flops, pick_device, pick_dtype, setup_distributed
 from config import parse_args
+from conversations import answer_accuracy
 from model import Blueberry
 from muon import build_optimizers, optimizer_step, set_lr_scale, set_muon_momentum
 from tokenizer import decode, encode, save_tokenizer
@@ -54,20 +55,29 @@ def lr_multiplier(progress: float, cfg) -> float:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, tokens, train_cfg, seq_len, device, amp, max_batches):
-    """Validation loss, perplexity and next-token accuracy over a fixed set of windows."""
+def evaluate(model, bundle, train_cfg, seq_len, device, amp, max_batches):
+    """Validation loss, perplexity and next-token accuracy over a fixed set of windows, counting the targets
+    that have a loss (on conversations: the assistant's tokens only)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y in data.eval_batches(tokens, train_cfg.batch_size, seq_len, max_batches, device):
+    for x, y in bundle.eval_batches(train_cfg.batch_size, seq_len, max_batches, device):
         with amp:
             logits, loss = model(x, y)
-        n = y.numel()
+        scored = y != -100
+        n = scored.sum().item()
         loss_sum += loss.item() * n
-        correct += (logits.argmax(-1) == y).sum().item()
+        correct += ((logits.argmax(-1) == y) & scored).sum().item()
         count += n
     model.train()
     val_loss = loss_sum / count
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_acc": correct / count}
+
+
+def eval_line(row: dict) -> str:
+    line = f"val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}, acc {row['val_acc']:.1%}"
+    if "val_answer_acc" in row:
+        line += f", answers {row['val_answer_acc']:.1%} right in {row['val_answer_tokens']:.1f} tokens"
+    return line
 
 
 def plot_losses(metrics_path: Path, png_path: Path):
@@ -94,13 +104,33 @@ def plot_losses(metrics_path: Path, png_path: Path):
 
 # ----------------------------------------------------------------------------- the run
 
-def sample_text(model, tokenizer, prompt, n_tokens, amp) -> str:
+def sample_text(model, tokenizer, prompt, n_tokens, amp, chat) -> str:
+    """A continuation of `prompt`, or for a chat model its reply to `prompt` as a user turn."""
+    import io
+    from chat import stream_reply
     from inference import generate  # sampling lives in inference.py; imported late to keep startup light
-    ids = encode(tokenizer, prompt)
     model.eval()  # called once training is over: no dropout in the sample
     with amp:
-        new = list(generate(model, ids, n_tokens, eos_id=tokenizer.eos_token_id))
+        if chat:
+            out = io.StringIO()
+            stream_reply(model, tokenizer, [{"role": "user", "content": prompt}], out, max_new_tokens=n_tokens)
+            return f"user: {prompt}\nassistant:\n{out.getvalue()}"
+        new = list(generate(model, encode(tokenizer, prompt), n_tokens, eos_id=tokenizer.eos_token_id))
     return prompt + decode(tokenizer, new)
+
+
+def from_pretrained(train_cfg, given: dict) -> tuple:
+    """--init_from: (source model, its tokenizer, this run's model settings). The settings are the source's;
+    flags that would change a weight must agree with it (one line naming those that do not)."""
+    source, tokenizer, description = checkpoint.load_pretrained(train_cfg.init_from)
+    free = ("max_seq_len", "dropout")  # they change no weight: a fine-tune may set them
+    names = {f.name for f in dataclasses.fields(source.cfg)} - set(free) - {"vocab_size"}
+    clash = {k: (getattr(source.cfg, k), v) for k, v in given.items() if k in names and getattr(source.cfg, k) != v}
+    if clash:
+        shown = ", ".join(f"{k}={old} (asked {new})" for k, (old, new) in sorted(clash.items()))
+        raise TrainError(f"--init_from {train_cfg.init_from} has {shown}; drop those flags (the model settings come "
+                         f"from the source) or train from scratch")
+    return source, tokenizer, dataclasses.replace(source.cfg, **{k: given[k] for k in free if k in given}), description
 
 
 def progress_bar(train_cfg, progress, master):
@@ -117,8 +147,8 @@ def train(argv=None):
     rank, world, local_rank = setup_distributed()
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    model_cfg, train_cfg, preset, chosen = parse_args(argv)
-    if chosen:
+    model_cfg, train_cfg, preset, given = parse_args(argv)
+    if "preset" in given:
         say(f"preset: {preset}")
     else:
         why = "a CUDA GPU is visible" if preset == "t4" else "no CUDA GPU is visible"
@@ -139,22 +169,32 @@ def train(argv=None):
     np.random.seed(train_cfg.seed)
     out_dir = Path(train_cfg.out_dir)
 
+    source = tokenizer = None
+    if train_cfg.init_from:
+        source, tokenizer, model_cfg, description = from_pretrained(train_cfg, given)
+        say(f"init from {description}")
+
     # data: rank 0 tokenizes into the cache, the other ranks then read it
     if master:
-        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank)
+        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank, tokenizer)
     if world > 1:
         dist.barrier()
     if not master:
-        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=bundle.vocab_size)
-    say(f"data: {bundle.source}: {len(bundle.train_tokens):,} train / {len(bundle.val_tokens):,} val tokens")
+        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank, tokenizer)
+    say(f"data: {bundle.source}: {bundle.train_tokens.size:,} train / {bundle.val_tokens.size:,} val tokens")
 
+    if source is None:
+        raw_model = Blueberry(dataclasses.replace(model_cfg, vocab_size=bundle.vocab_size))
+    else:  # the source's weights, and its embedding and head grown by the tokens the data added (the chat format)
+        raw_model = Blueberry(dataclasses.replace(model_cfg, vocab_size=source.cfg.vocab_size))
+        raw_model.load_state_dict(source.state_dict())
+        raw_model.resize_token_embeddings(bundle.vocab_size)
+    model_cfg = raw_model.cfg
+    raw_model.to(device)
     resume = checkpoint.load_resume_state(out_dir, model_cfg) if train_cfg.resume else None
-    raw_model = Blueberry(model_cfg).to(device)
     say(raw_model.summary())
     optimizers = build_optimizers(raw_model, train_cfg)
-    batches = data.BatchIterator(bundle.train_tokens, train_cfg.batch_size, model_cfg.max_seq_len,
-                                 train_cfg.seed, rank, world, device)
+    batches = bundle.batches(train_cfg.batch_size, model_cfg.max_seq_len, train_cfg.seed, rank, world, device)
     progress = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     if resume:
         progress = checkpoint.restore(resume, raw_model, optimizers, scaler, batches)
@@ -167,7 +207,7 @@ def train(argv=None):
 
     metrics_path, png_path = out_dir / checkpoint.METRICS, out_dir / "loss.png"
     run_info = {"train": dataclasses.asdict(train_cfg), "dataset": bundle.source, "validation": bundle.val_source,
-                "sample_prompt": bundle.sample_prompt, "preset": preset}
+                "sample_prompt": bundle.sample_prompt, "preset": preset, "chat": bundle.chat}
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_tokenizer(bundle.tokenizer, out_dir / checkpoint.TOKENIZER_DIR)
@@ -183,7 +223,9 @@ def train(argv=None):
 
     def run_eval(max_batches):
         row = {"step": progress["step"], "tokens": progress["tokens"], "elapsed_s": round(progress["elapsed_s"], 2)}
-        row.update(evaluate(raw_model, bundle.val_tokens, train_cfg, model_cfg.max_seq_len, device, amp, max_batches))
+        row.update(evaluate(raw_model, bundle, train_cfg, model_cfg.max_seq_len, device, amp, max_batches))
+        if bundle.answer_rows:  # the built-in set: greedy answers to held-out problems
+            row.update(answer_accuracy(raw_model, bundle.tokenizer, bundle.answer_rows, amp)[0])
         log(row)
         plot_losses(metrics_path, png_path)
         return row
@@ -272,8 +314,7 @@ def train(argv=None):
 
             if master and (step % train_cfg.eval_every == 0 and not done):
                 row = run_eval(train_cfg.eval_batches)
-                bar.write(f"step {step}: val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}, "
-                          f"acc {row['val_acc']:.1%}")
+                bar.write(f"step {step}: {eval_line(row)}")
             if master and (step % train_cfg.save_every == 0 or done):
                 save()
             if world > 1 and (step % train_cfg.eval_every == 0 or step % train_cfg.save_every == 0):
@@ -290,12 +331,13 @@ def train(argv=None):
             full = len(bundle.val_tokens) <= FULL_VAL_TOKENS.get(device.type, 200_000)
             row = run_eval(None if full else train_cfg.eval_batches)
             say(f"\nfinal (step {progress['step']}, {progress['tokens']:,} tokens, {progress['elapsed_s']:.0f}s): "
-                f"val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}, acc {row['val_acc']:.1%}"
+                f"{eval_line(row)}"
                 f"{' (whole validation split)' if full else ''}")
             say(f"wrote {out_dir}/: {checkpoint.WEIGHTS}, {checkpoint.CONFIG}, {checkpoint.TOKENIZER_DIR}/, "
                 f"{checkpoint.STATE}, {checkpoint.METRICS}, loss.png")
             if train_cfg.sample_tokens > 0:
-                text = sample_text(raw_model, bundle.tokenizer, bundle.sample_prompt, train_cfg.sample_tokens, amp)
+                text = sample_text(raw_model, bundle.tokenizer, bundle.sample_prompt, train_cfg.sample_tokens, amp,
+                                   bundle.chat)
                 say(f"\nsample:\n{text}\n")
                 say(f"more: python inference.py --out_dir {out_dir}")
     if world > 1:

@@ -1,5 +1,6 @@
 """Blueberry tokenizers: building char and byte-level BPE vocabularies, loading hub and saved
-tokenizers, encode / decode, and the end-of-text token (EOS) every document ends with.
+tokenizers, encode / decode, the end-of-text token (EOS) every document ends with, and the chat
+format (`add_chat_format`, `render_conversation`).
 
     tokenizer = load_tokenizer("out/tokenizer")
     ids = encode(tokenizer, "ROMEO:")
@@ -51,7 +52,10 @@ def build_tokenizer(kind, vocab_size, texts):
         backend.decoder = decoders.Fuse()
     else:
         backend = Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # every digit its own token, as in Llama's tokenizers: numbers then read the same wherever they stand,
+        # which is what arithmetic needs (a merge like "835" would hide its digits from the model)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -106,3 +110,65 @@ def encode(tokenizer, text):
 def decode(tokenizer, ids):
     """Token ids -> text; special tokens (EOS) are dropped, spacing is left exactly as encoded."""
     return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------- the chat format
+
+# Turns in the ChatML style, and the assistant's steps in a thinking section before its answer:
+#   <|im_start|>user\nWhat is 12 + 9?<|im_end|>\n
+#   <|im_start|>assistant\n<think>\n1. 2+9=11, carry 1\n2. 1+0+1=2\n</think>\n21<|im_end|>\n
+# The template is the one definition of the format: training renders with it (render_conversation)
+# and so does transformers' apply_chat_template. The {% generation %} block marks what the assistant
+# writes (its steps, its answer and its end of turn): the only tokens with a loss.
+IM_START, IM_END, THINK, END_THINK = "<|im_start|>", "<|im_end|>", "<think>", "</think>"
+CHAT_TOKENS = (IM_START, IM_END, THINK, END_THINK)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}"
+    "{%- if message.get('thinking') -%}{{- '<think>\\n' + message['thinking'] + '\\n</think>\\n' -}}{%- endif -%}"
+    "{{- message['content'] + '<|im_end|>' -}}"
+    "{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def add_chat_format(tokenizer) -> int:
+    """Give `tokenizer` the chat tokens (those it lacks) and the chat template; returns how many tokens it
+    gained (the model's embedding must grow by as many)."""
+    before = len(tokenizer)
+    missing = [t for t in CHAT_TOKENS if t not in tokenizer.get_vocab()]
+    tokenizer.add_tokens(missing, special_tokens=True)  # atomic, and dropped by decode(skip_special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return len(tokenizer) - before
+
+
+def is_chat(tokenizer) -> bool:
+    return tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def render_conversation(tokenizer, messages: list) -> tuple:
+    """A conversation (list of {"role", "content"[, "thinking"]}) -> (token ids, loss mask): the mask is 1 on
+    the tokens the assistant writes (steps, answer, end of turn), 0 on system and user tokens."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return out["input_ids"], out["assistant_masks"]
+
+
+def render_prompt(tokenizer, messages: list) -> list:
+    """The ids of a conversation so far, ending where the assistant's next turn begins."""
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def split_reply(text: str) -> tuple:
+    """An assistant's reply text (special tokens kept) -> (thinking, answer), either possibly empty."""
+    text = text.split(IM_END)[0]
+    if THINK in text:
+        thinking, _, answer = text.partition(THINK)[2].partition(END_THINK)
+        return thinking.strip("\n"), answer.strip("\n")
+    return "", text.strip("\n")

@@ -52,6 +52,22 @@ def trained_run(tmp_path_factory, cache_dir):
     return out
 
 
+# A chat model: the built-in arithmetic conversations, capped, with a context that holds them whole.
+CHAT_DATA = ["--dataset", "arithmetic", "--tokenizer", "char", "--max_tokens", "60000", "--max_seq_len", "128",
+             "--eval_answers", "12"]
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory, cache_dir):
+    """A real tiny fine-tune-style run on conversations; returns its out_dir (its console output is in
+    console.txt beside it)."""
+    out = tmp_path_factory.mktemp("chat") / "out"
+    proc = run_script("run_train.py", *TINY_MODEL, *CHAT_DATA, *TINY_RUN, "--out_dir", out, "--cache_dir", cache_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (out.parent / "console.txt").write_text(proc.stdout)
+    return out
+
+
 # ----------------------------------------------------------------------------- texts for the data tests
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls hum softly near old oak trees".split()

@@ -293,3 +293,23 @@ def test_bf16_autocast_forward_backward_on_cpu():
 def test_summary_mentions_sizes_and_widths():
     text = tiny().summary()
     assert "params" in text and "without embeddings" in text and "[128, 192, 256]" in text
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_token_embeddings_grows_with_mean_rows_and_keeps_the_rest(tied):
+    model = randomized(tiny(tie_embeddings=tied))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 97, (2, 12))
+    logits = model(idx)
+    model.resize_token_embeddings(101)
+    assert model.cfg.vocab_size == 101 and model.embed.weight.shape == (101, 64)
+    for name, weight in model.state_dict().items():
+        if name in ("embed.weight", "lm_head.weight"):
+            assert torch.equal(weight[:97], before[name])
+            torch.testing.assert_close(weight[97:], before[name].mean(0).expand(4, -1))
+        else:
+            assert torch.equal(weight, before[name]), name
+    torch.testing.assert_close(model(idx)[..., :97], logits)  # old tokens compute what they did
+    assert model(torch.tensor([[100]])).shape == (1, 1, 101)
+    with pytest.raises(ValueError, match="shrink"):
+        model.resize_token_embeddings(50)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_DATA, TINY_MODEL, TINY_RUN, assert_one_line_error, run_script
+from conftest import CHAT_DATA, REPO, TINY_DATA, TINY_MODEL, TINY_RUN, assert_one_line_error, run_script
 from run_train import lr_multiplier
 from config import TrainConfig
 
@@ -217,3 +217,59 @@ def test_console_lines_come_before_the_bar_and_the_log_has_the_learning_rates(tm
         assert r["muon_lr"] == pytest.approx(cfg.muon_lr * r["lr_scale"])
         assert r["adamw_lr"] == pytest.approx(cfg.adamw_lr * r["lr_scale"])
     assert "lr" not in rows[0]
+
+
+# ----------------------------------------------------------------------------- conversations and --init_from
+
+def test_chat_run_scores_answers_and_records_a_chat_model(chat_run):
+    evals = [r for r in metrics(chat_run) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    for r in evals:
+        assert 0 <= r["val_answer_acc"] <= 1 and r["val_answer_tokens"] > 0
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    config = json.loads((chat_run / "config.json").read_text())
+    assert config["chat"] is True and config["train"]["dataset"] == "arithmetic"
+    console = (chat_run.parent / "console.txt").read_text()
+    final = next(line for line in console.splitlines() if line.startswith("final ("))
+    assert "answers" in final and "right in" in final
+    assert "sample:\nuser: What is" in console and "assistant:\n" in console  # the end-of-run sample is a chat reply
+
+
+def test_init_from_a_run_fine_tunes_on_conversations(trained_run, tmp_path, cache_dir):
+    """A text model fine-tuned on conversations: the model settings come from the source, its vocabulary grows
+    by the chat tokens, and the run is a chat model."""
+    out = tmp_path / "sft"
+    proc = run_script("run_train.py", "--init_from", trained_run, *CHAT_DATA, "--max_seq_len", 64, *TINY_RUN,
+                      "--max_steps", 6, "--eval_every", 6, "--out_dir", out, "--cache_dir", cache_dir,
+                      "--d_model", 64)  # given, and equal to the source's: allowed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"init from {trained_run} (step 40)" in proc.stdout
+    source, tuned = (json.loads((p / "config.json").read_text()) for p in (trained_run, out))
+    assert tuned["model"]["vocab_size"] == source["model"]["vocab_size"] + 4  # <|im_start|> <|im_end|> <think> </think>
+    assert {k: v for k, v in tuned["model"].items() if k != "vocab_size"} == \
+        {k: v for k, v in source["model"].items() if k != "vocab_size"}
+    assert tuned["chat"] is True
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--d_model", "32"], "d_model=64 (asked 32)"),
+    (["--qk_norm", "false"], "qk_norm=True (asked False)"),
+])
+def test_init_from_refuses_settings_that_contradict_the_source(trained_run, tmp_path, cache_dir, args, needle):
+    proc = run_script("run_train.py", "--init_from", trained_run, *CHAT_DATA, *TINY_RUN, *args,
+                      "--out_dir", tmp_path / "out", "--cache_dir", cache_dir, timeout=120)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_a_missing_or_incomplete_run_is_one_line(trained_run, tmp_path, cache_dir):
+    import shutil
+    missing = run_script("run_train.py", "--init_from", tmp_path / "nowhere", *CHAT_DATA, "--out_dir", tmp_path / "o",
+                         "--cache_dir", cache_dir, timeout=120)
+    assert_one_line_error(missing, "nowhere")
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(trained_run, incomplete)
+    shutil.rmtree(incomplete / "tokenizer")
+    proc = run_script("run_train.py", "--init_from", incomplete, *CHAT_DATA, "--out_dir", tmp_path / "o",
+                      "--cache_dir", cache_dir, timeout=120)
+    assert_one_line_error(proc, "incomplete")

@@ -1,0 +1,344 @@
+"""Conversation data for supervised fine-tuning: rows of messages, checked, rendered and packed.
+
+    data = prepare_conversations(train_cfg, max_seq_len, tokenizer_spec_or_tokenizer)   # via data.prepare_data
+    x, y = data.batches(batch_size, seed).next_batch()   # y is -100 wherever the assistant did not write
+
+A row has a `messages` column: a list of {"role": "system" | "user" | "assistant", "content": str};
+an assistant message may carry its steps in `thinking` (`reasoning_content`, the Qwen3 /
+DeepSeek-R1 name, means the same). Rows come from local JSONL / JSON / Parquet files or folders,
+a hub dataset, or `arithmetic` (arithmetic.py). Each conversation is rendered with the chat
+format (tokenizer.render_conversation: ids and a loss mask), and conversations are packed whole
+into windows of max_seq_len + 1 tokens; one longer than a window is cut to it, or dropped when
+the cut leaves the assistant nothing to write. `--thinking false` drops every thinking field.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import arithmetic
+from common import atomic_write
+from sources import (SHAKESPEARE, VAL_SPLITS, DataError, Docs, HubUnreachable, Source, _folder_splits,
+                     looks_like_path, require_hub)
+from tokenizer import IM_END, add_chat_format, render_conversation, render_prompt, split_reply
+
+ARITHMETIC = "arithmetic"
+ARITHMETIC_TRAIN, ARITHMETIC_VAL = 50_000, 500  # conversations; the val ones are held-out problems
+ROLES = ("system", "user", "assistant")
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- checking rows
+
+def check_messages(messages, where: str, thinking: bool = True) -> list:
+    """A conversation as the chat template takes it ({"role", "content"[, "thinking"]} dicts), or a one-line
+    DataError naming `where` and what is wrong. `thinking=False` drops the assistant's steps."""
+    if not isinstance(messages, (list, tuple)):
+        raise DataError(f"{where}: messages must be a list of {{role, content}} dicts, got {type(messages).__name__}")
+    if not messages:
+        raise DataError(f"{where}: the conversation is empty; drop the row or give it messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} is a {type(m).__name__}, not a {{role, content}} dict")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: message {i} has role {m.get('role')!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} ({m['role']}) has no text content")
+        steps = m.get("thinking") or m.get("reasoning_content")
+        if steps is not None and not isinstance(steps, str):
+            raise DataError(f"{where}: message {i} has a thinking field that is not text "
+                            f"({type(steps).__name__}); give the steps as one string")
+        message = {"role": m["role"], "content": m["content"]}
+        if steps and thinking and m["role"] == "assistant":
+            message["thinking"] = steps
+        out.append(message)
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn; drop the row")
+    return out
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+def _table_rows(files: list, split: str):
+    """The rows of local JSONL / JSON / Parquet files, streamed through `datasets` as hub datasets are."""
+    import datasets
+    kind = "parquet" if files[0].suffix == ".parquet" else "json"
+    return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split, streaming=True)
+
+
+def open_conversations(dataset: str, cfg) -> tuple:
+    """-> (name, key, read): `key` identifies the content for the cache without reading it, and read() returns
+    (train rows, val rows or None), rows being dicts with "messages". The arithmetic set's val rows are
+    held-out problems, which also serve the answer accuracy."""
+    if dataset == ARITHMETIC:
+        return ("arithmetic (built-in)", [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, cfg.seed],
+                lambda: (arithmetic.problems(ARITHMETIC_TRAIN, cfg.seed, held_out=False),
+                         arithmetic.problems(ARITHMETIC_VAL, cfg.seed + 1, held_out=True)))
+    path = Path(dataset).expanduser()
+    if path.exists():
+        splits = _folder_splits(path) if path.is_dir() else {"train": [path]}
+        stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in splits.values() for f in fs]
+        val = next((s for s in VAL_SPLITS if s in splits), None)
+        return path.name, stamps, lambda: (_table_rows(splits["train"], "train"),
+                                           _table_rows(splits[val], val) if val else None)
+
+    def read_hub():
+        require_hub()
+        import datasets
+        splits = datasets.load_dataset(dataset, streaming=True)
+        train = "train" if "train" in splits else next(iter(splits))
+        val = next((s for s in VAL_SPLITS if s in splits and s != train), None)
+        return splits[train], splits[val] if val else None
+
+    return dataset, ["hub", dataset], read_hub
+
+
+def is_conversation_data(dataset: str, cfg) -> bool:
+    """Does `dataset` hold conversations (a `messages` column) rather than text? Judged from its first row; a hub
+    dataset seen once is remembered in cache_dir, so that a second run needs no network."""
+    if dataset == ARITHMETIC:
+        return True
+    path = Path(dataset).expanduser()
+    if path.exists() and not (path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet")):
+        return False
+    if not path.exists() and (dataset == SHAKESPEARE or looks_like_path(dataset)):
+        return False
+    marker = Path(cfg.cache_dir, "conversations", "hub", re.sub(r"[^\w.-]", "_", dataset))
+    if not path.exists() and marker.exists():
+        return True
+    try:
+        train, _ = open_conversations(dataset, cfg)[2]()
+        found = "messages" in next(iter(train), {})
+    except HubUnreachable:
+        raise
+    except Exception:  # not a table we can read: the text path reports it in its own words
+        return False
+    if found and not path.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return found
+
+
+def _checked(rows, name: str, thinking: bool, split: str):
+    for i, row in enumerate(rows):
+        if "messages" not in row:
+            raise DataError(f"{name}: row {i} of {split} has no 'messages' column ({', '.join(row)}); "
+                            f"conversation data needs one")
+        yield check_messages(row["messages"], f"{name}, {split} row {i}", thinking)
+
+
+# ----------------------------------------------------------------------------- packing
+
+def pack(tokenizer, conversations, window: int, max_tokens: int = 0) -> tuple:
+    """Render conversations and pack them whole, in order, into windows of `window` tokens.
+
+    Returns (tokens (N, window), mask (N, window), counts): mask is 1 on assistant-written tokens; the
+    rest of a window is filled with EOS, mask 0. counts: conversations packed, cut to fit, dropped."""
+    rows, masks, counts = [], [], {"packed": 0, "truncated": 0, "dropped": 0}
+    row, mask, n_tokens = [], [], 0
+    for messages in conversations:
+        ids, m = render_conversation(tokenizer, messages)
+        if len(ids) > window:
+            ids, m = ids[:window], m[:window]
+            if not any(m[1:]):  # nothing the assistant writes is left to learn
+                counts["dropped"] += 1
+                continue
+            counts["truncated"] += 1
+        if len(row) + len(ids) > window:
+            rows.append(row)
+            masks.append(mask)
+            row, mask = [], []
+        row, mask = row + ids, mask + m
+        counts["packed"] += 1
+        n_tokens += len(ids)
+        if max_tokens and n_tokens >= max_tokens:
+            break
+    if row:
+        rows.append(row)
+        masks.append(mask)
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    tokens = np.full((len(rows), window), tokenizer.eos_token_id, dtype=dtype)
+    loss_mask = np.zeros((len(rows), window), dtype=bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        tokens[i, :len(r)] = r
+        loss_mask[i, :len(m)] = m
+    return tokens, loss_mask, counts
+
+
+def _to_device(tokens, mask, device):
+    """Windows -> x, y int64 on device; y is -100 where the target is not the assistant's."""
+    w = torch.from_numpy(tokens.astype(np.int64))
+    y = w[:, 1:].masked_fill(~torch.from_numpy(mask[:, 1:]), -100)
+    return w[:, :-1].contiguous().to(device), y.contiguous().to(device)
+
+
+class WindowBatches:
+    """Random packed windows, batch k of rank r drawn with a generator seeded with (seed, r, k): the same
+    contract as data.BatchIterator (its state is the step counter)."""
+
+    def __init__(self, tokens, mask, batch_size, seed, rank=0, world_size=1, device="cpu"):
+        self.tokens, self.mask, self.batch_size = tokens, mask, batch_size
+        self.seed, self.rank, self.device, self.step = seed, rank, device, 0
+
+    def next_batch(self):
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        rows = rng.integers(0, len(self.tokens), size=self.batch_size)
+        self.step += 1
+        return _to_device(self.tokens[rows], self.mask[rows], self.device)
+
+    def state_dict(self):
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state):
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def eval_windows(tokens, mask, batch_size, max_batches=None, device="cpu"):
+    """Validation windows in order: all of them, or the first max_batches * batch_size."""
+    n = len(tokens) if max_batches is None else min(len(tokens), max_batches * batch_size)
+    for i in range(0, n, batch_size):
+        yield _to_device(tokens[i:i + batch_size], mask[i:i + batch_size], device)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+@dataclass
+class ConversationData:
+    tokenizer: object
+    train_tokens: np.ndarray  # (N, max_seq_len + 1) packed windows
+    train_mask: np.ndarray  # (N, max_seq_len + 1) bool: 1 on assistant-written tokens
+    val_tokens: np.ndarray
+    val_mask: np.ndarray
+    eos_id: int
+    vocab_size: int
+    source: str
+    val_source: str
+    sample_prompt: str  # a user turn for the sample at the end of training
+    answer_rows: list  # held-out problems with checkable answers (the built-in set), else []
+    chat: bool = True
+
+    def batches(self, batch_size, seq_len, seed, rank=0, world_size=1, device="cpu"):
+        return WindowBatches(self.train_tokens, self.train_mask, batch_size, seed, rank, world_size, device)
+
+    def eval_batches(self, batch_size, seq_len, max_batches=None, device="cpu"):
+        return eval_windows(self.val_tokens, self.val_mask, batch_size, max_batches, device)
+
+
+def conversation_text(rows):
+    """The text of conversations (roles, contents, steps) as Docs pieces: what a char or BPE vocabulary for them
+    is built from (the chat tokens are added afterwards)."""
+    for messages in rows:
+        yield iter(["\n".join(f"{m['role']}\n{m.get('thinking', '')}\n{m['content']}" for m in messages) + "\n"])
+
+
+def prepare_conversations(cfg, max_seq_len: int, get_tokenizer, rank: int = 0) -> ConversationData:
+    """Read, check, render and pack the conversations of cfg.dataset (see the module docstring).
+
+    `get_tokenizer(source)` returns (tokenizer, description) for a sources.Source of the conversations' text
+    (data.py resolves the spec: built, hub, local, or an --init_from model's); the chat format is added here."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    name, key, read = open_conversations(cfg.dataset, cfg)
+    rows = []  # (train, val, how the validation split was made), read only when a cache misses
+
+    def conversations():
+        if not rows:
+            rows.extend(_read_split(read, name, cfg))
+        return rows
+
+    # what a char or BPE vocabulary for this data learns from (read only if that vocabulary is not cached yet)
+    source = Source(name, json.dumps([key, cfg.thinking]), lambda: (Docs(
+        "train", len(conversations()[0]), None, lambda a, b: conversation_text(conversations()[0][a:b])), None))
+    tokenizer, tok_name = get_tokenizer(source)
+    add_chat_format(tokenizer)
+
+    window = max_seq_len + 1
+    fingerprint = hashlib.sha256((tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template)).encode())
+    entry = Path(cfg.cache_dir, "conversations", hashlib.sha256(json.dumps(
+        [CACHE_VERSION, key, cfg.thinking, fingerprint.hexdigest(), window, cfg.max_tokens, cfg.val_fraction]
+    ).encode()).hexdigest()[:16])
+    arrays = _load_packed(entry)
+    if arrays is None:
+        train, val, how = conversations()
+        say(f"data: rendering and packing {len(train):,} + {len(val):,} conversations of {name}")
+        t_tok, t_mask, t_counts = pack(tokenizer, train, window, cfg.max_tokens)
+        v_tok, v_mask, v_counts = pack(tokenizer, val, window)
+        arrays = {"train_tokens": t_tok, "train_mask": t_mask, "val_tokens": v_tok, "val_mask": v_mask}
+        meta = {f"{split}_{k}": v for split, counts in (("train", t_counts), ("val", v_counts)) for k, v in counts.items()}
+        sample = next((m["content"] for m in val[0] if m["role"] == "user"), "Hello!")
+        _save_packed(entry, arrays, {**meta, "validation": how, "sample_prompt": sample})
+    meta = json.loads((entry / "meta.json").read_text())
+    cut, dropped = meta["train_truncated"] + meta["val_truncated"], meta["train_dropped"] + meta["val_dropped"]
+    if cut or dropped:
+        say(f"data: {cut:,} conversation(s) longer than the context of {max_seq_len} were cut to fit and "
+            f"{dropped:,} dropped (nothing for the assistant left); raise --max_seq_len to keep them whole")
+    if not len(arrays["train_tokens"]) or not len(arrays["val_tokens"]):
+        raise DataError(f"{name}: no conversation fits a window of {window} tokens; raise --max_seq_len")
+    val_source = (f"{meta['validation']} ({meta['val_packed']:,} conversations, "
+                  f"{int(arrays['val_mask'].sum()):,} assistant tokens)")
+    say(f"data: validation: {val_source}")
+    answer_rows = arithmetic.problems(cfg.eval_answers, cfg.seed + 1, held_out=True) if cfg.dataset == ARITHMETIC else []
+    return ConversationData(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, vocab_size=len(tokenizer),
+                            source=f"{name} + {tok_name}{'' if cfg.thinking else ', answers only'}",
+                            val_source=val_source, sample_prompt=meta["sample_prompt"], answer_rows=answer_rows, **arrays)
+
+
+def _read_split(read, name: str, cfg) -> tuple:
+    """(train conversations, val conversations, how validation was chosen), every row checked."""
+    train_rows, val_rows = read()
+    train = list(_checked(train_rows, name, cfg.thinking, "train"))
+    if cfg.dataset == ARITHMETIC:
+        return train, list(_checked(val_rows, name, cfg.thinking, "validation")), "held-out problems, never in training"
+    if val_rows is not None:
+        return train, list(_checked(val_rows, name, cfg.thinking, "validation")), "the source's own validation split"
+    k = min(max(1, round(len(train) * cfg.val_fraction)), len(train) - 1)
+    if len(train) < 2:
+        raise DataError(f"{name} has {len(train)} conversation(s): too few to hold some out for validation")
+    return train[:-k], train[-k:], f"the last {cfg.val_fraction:.0%} of conversations"
+
+
+def _load_packed(entry: Path):
+    try:
+        json.loads((entry / "meta.json").read_text())  # written last: the entry is whole
+        return {name: np.load(entry / f"{name}.npy", allow_pickle=False)
+                for name in ("train_tokens", "train_mask", "val_tokens", "val_mask")}
+    except (OSError, ValueError):
+        return None
+
+
+def _save_packed(entry: Path, arrays: dict, meta: dict):
+    """Each array to its .npy file, then meta.json, which marks the entry whole."""
+    entry.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        with open(entry / f"{name}.npy.tmp", "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        (entry / f"{name}.npy.tmp").replace(entry / f"{name}.npy")
+    atomic_write(entry / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+
+
+# ----------------------------------------------------------------------------- answer accuracy
+
+def answer_accuracy(model, tokenizer, rows: list, amp) -> tuple:
+    """Greedy replies to held-out problems (arithmetic rows), decoded together with generate_batch.
+
+    Returns ({"val_answer_acc": exact-match share, "val_answer_tokens": mean tokens per reply, steps and end
+    of turn included}, one (row, correct, tokens) triple per row)."""
+    from inference import generate_batch  # the sampling engine; imported here to keep data loading light
+    prompts = [render_prompt(tokenizer, [m for m in r["messages"] if m["role"] != "assistant"]) for r in rows]
+    end_of_turn = tokenizer.convert_tokens_to_ids(IM_END)
+    model.eval()
+    with amp:
+        replies = generate_batch(model, prompts, model.cfg.max_seq_len - max(map(len, prompts)), temperature=0,
+                                 eos_id=end_of_turn)
+    model.train()
+    results = []
+    for row, reply in zip(rows, replies):
+        _, answer = split_reply(tokenizer.decode(reply, skip_special_tokens=False))
+        results.append((row, arithmetic.check(answer, row), len(reply)))
+    return {"val_answer_acc": sum(ok for _, ok, _ in results) / len(results),
+            "val_answer_tokens": sum(n for _, _, n in results) / len(results)}, results
