@@ -5,6 +5,7 @@
     generate  sampling tokens/s against transformers' generate(), at batch 1 and for a batch of prompts
     train     validation loss against wall-clock time: Blueberry (Muon) vs the Llama-equivalent model with AdamW
     ablate    each feature off in turn, and AdamW instead of Muon, at equal time
+    stepwise  what thinking in steps buys: arithmetic accuracy with steps vs answers only, same model and time
     data      tokenizer training, tokenization throughput, cache load time, peak memory on a large file
     gpu       tokens/s and MFU on a CUDA GPU (bf16, fp16 + GradScaler, with and without torch.compile)
 
@@ -21,6 +22,7 @@ from benchmarks.common import REPO
 from benchmarks.data_pipeline import cmd_data
 from benchmarks.sampling import cmd_generate
 from benchmarks.speed import cmd_gpu, cmd_model, cmd_muon
+from benchmarks.stepwise import cmd_stepwise
 from benchmarks.training import cmd_ablate, cmd_train
 
 
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--corpus", default="bpe", choices=("bpe", "char"))
     ablate.add_argument("--steps", type=int, default=120, help="training steps of the reference (all features)")
     ablate.add_argument("--time_rounds", type=int, default=5, help="rounds of the step-time measurement")
+    p = add("stepwise", cmd_stepwise, "arithmetic with steps vs answers only, same model and time", rounds=1,
+            warmup=0, tiny=False)
+    p.add_argument("--budget", type=float, default=300.0, help="seconds of training per side (both run at once)")
+    p.add_argument("--eval_every", type=int, default=100, help="steps between evaluations (the accuracy curve)")
+    p.add_argument("--eval_answers", type=int, default=50, help="held-out problems answered at each evaluation")
+    p.add_argument("--problems", type=int, default=40, help="final held-out problems per kind and difficulty")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out_bench", help="folder for the plot")
     p = add("data", cmd_data, "tokenization throughput, cache load time, peak memory", tiny=False)
     p.add_argument("--file_mb", type=int, default=128, help="size of the large file to tokenize")
     p.add_argument("--mem_budget_mb", type=int, default=100, help="allowed growth of the resident set while tokenizing")

@@ -317,10 +317,11 @@ def main(argv=None):
     if cfg.verbose:
         print(f"{model.summary()} | {next(model.parameters()).device} "
               f"{str(next(model.parameters()).dtype).removeprefix('torch.')}", file=sys.stderr)
-    if checkpoint.read_config(cfg.out_dir).get("chat"):  # trained on conversations: talk to it
-        return chat(model, tokenizer, cfg, prompts)
+    config = checkpoint.read_config(cfg.out_dir)
+    if config.get("chat"):  # trained on conversations: talk to it
+        return chat(model, tokenizer, cfg, [config["sample_prompt"]] if args.samples else prompts)
     if args.samples:
-        prompts = default_prompts(checkpoint.read_config(cfg.out_dir))
+        prompts = default_prompts(config)
 
     def answer(prompt, echo=True):
         if echo:

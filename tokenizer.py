@@ -149,10 +149,6 @@ def add_chat_format(tokenizer) -> int:
     return len(tokenizer) - before
 
 
-def is_chat(tokenizer) -> bool:
-    return tokenizer.chat_template == CHAT_TEMPLATE
-
-
 def render_conversation(tokenizer, messages: list) -> tuple:
     """A conversation (list of {"role", "content"[, "thinking"]}) -> (token ids, loss mask): the mask is 1 on
     the tokens the assistant writes (steps, answer, end of turn), 0 on system and user tokens."""

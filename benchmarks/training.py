@@ -49,7 +49,7 @@ def prepare_corpus(corpus_flags: list, cache_dir: Path):
 
 
 def training_run(extra: list, out_dir: Path, cache_dir: Path):
-    """A callable that runs run_train.py (`extra` sets its length) and returns its eval curve."""
+    """A callable that runs run_train.py (`extra` sets its length) and returns its eval rows (metrics.jsonl)."""
     cmd = [sys.executable, str(REPO / "run_train.py"), "--preset", TRAIN_PRESET, "--max_steps", "1000000",
            "--eval_every", "25", "--log_every", "25", "--save_every", "1000000", "--sample_tokens", "0",
            "--cache_dir", str(cache_dir), "--out_dir", str(out_dir), *extra]
@@ -61,7 +61,7 @@ def training_run(extra: list, out_dir: Path, cache_dir: Path):
         if proc.returncode:
             raise SystemExit(f"train run failed ({' '.join(cmd)}):\n{Path(f'{out_dir}.log').read_text()[-2000:]}")
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return [(r["elapsed_s"], r["val_loss"], r["step"]) for r in rows if "val_loss" in r]
+        return [r for r in rows if "val_loss" in r]
     return run
 
 
@@ -80,8 +80,9 @@ def run_side_by_side(runs: dict, corpus: str, tmp: Path, args) -> dict:
                                    Path(tempfile.mkdtemp(prefix=f"{corpus}-", dir=tmp)) / "out", cache)
                 for name in names[i:i + 2]}
         for name, t in alternate(pair, rounds=1, warmup=0, together=True).items():
-            curves[name] = t.values
-            print(f"  {corpus}: {name}: val loss {t.values[0][-1][1]:.4f} after {t.values[0][-1][2]} steps", flush=True)
+            curves[name] = [[(r["elapsed_s"], r["val_loss"], r["step"]) for r in rows] for rows in t.values]
+            print(f"  {corpus}: {name}: val loss {curves[name][0][-1][1]:.4f} after {curves[name][0][-1][2]} steps",
+                  flush=True)
     return curves
 
 

@@ -184,3 +184,12 @@ def test_bad_rows_in_a_file_stop_the_run_with_one_line(tmp_path):
                       "--out_dir", tmp_path / "out", "--max_steps", 2, timeout=120)
     assert_one_line_error(proc, "row 1", "wizard")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_folder_gets_the_chat_format(tmp_path):
+    """A hub or local tokenizer (AutoTokenizer) is used as it is, plus the chat tokens it lacks."""
+    base = build_tokenizer("bpe", 300, iter([make_text(300) + "What is 1 + 2? carry"]))
+    base.save_pretrained(tmp_path / "tok")
+    d = prepare_data(make_cfg(tmp_path, "arithmetic", str(tmp_path / "tok"), max_tokens=5_000), max_seq_len=128)
+    assert d.vocab_size == len(base) + len(CHAT_TOKENS)
+    assert d.tokenizer.convert_ids_to_tokens(d.train_tokens[0][:1].tolist()) == ["<|im_start|>"]
