@@ -137,6 +137,8 @@ class TrainConfig:
     save_every: int = option(1000, "steps between checkpoints")
     out_dir: str = option("out", "output folder")
     resume: bool = option(False, "continue from the checkpoint in out_dir")
+    init_from: str = option("", "start from these weights and tokenizer: a run's out_dir, or a Hugging Face Llama "
+                            "folder or hub id (the model settings come from it; optimizers start fresh)")
     sample_tokens: int = option(200, "length of the sample printed at the end (0 = none)")
     # runtime
     seed: int = option(1337, "random seed (weights, batches)")

@@ -139,6 +139,18 @@ def train(argv=None):
     np.random.seed(train_cfg.seed)
     out_dir = Path(train_cfg.out_dir)
 
+    # --init_from: start from another model's weights and tokenizer (checkpoint.load_pretrained). Its settings
+    # replace the model flags, and the data is tokenized with its tokenizer: saved into out_dir, where
+    # data.prepare_data reads it (rank 0 writes it before the barrier below).
+    pretrained = None
+    if train_cfg.init_from:
+        pretrained, tokenizer, description = checkpoint.load_pretrained(train_cfg.init_from)
+        model_cfg = pretrained.cfg
+        if master:
+            save_tokenizer(tokenizer, out_dir / checkpoint.TOKENIZER_DIR)
+        train_cfg = dataclasses.replace(train_cfg, tokenizer=str(out_dir / checkpoint.TOKENIZER_DIR))
+        say(f"init_from: {description}")
+
     # data: rank 0 tokenizes into the cache, the other ranks then read it
     if master:
         bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank)
@@ -146,11 +158,15 @@ def train(argv=None):
         dist.barrier()
     if not master:
         bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=bundle.vocab_size)
+    if pretrained is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=bundle.vocab_size)
+    elif bundle.vocab_size > model_cfg.vocab_size:  # --init_from: the tokenizer must fit the model's embedding
+        raise TrainError(f"--init_from: the tokenizer has {bundle.vocab_size} tokens, the model's vocabulary "
+                         f"{model_cfg.vocab_size}")
     say(f"data: {bundle.source}: {len(bundle.train_tokens):,} train / {len(bundle.val_tokens):,} val tokens")
 
     resume = checkpoint.load_resume_state(out_dir, model_cfg) if train_cfg.resume else None
-    raw_model = Blueberry(model_cfg).to(device)
+    raw_model = (Blueberry(model_cfg) if pretrained is None else pretrained.train()).to(device)
     say(raw_model.summary())
     optimizers = build_optimizers(raw_model, train_cfg)
     batches = data.BatchIterator(bundle.train_tokens, train_cfg.batch_size, model_cfg.max_seq_len,
