@@ -144,7 +144,11 @@ def write_folder(hf_dir: Path, fill):
         if hf_dir.exists():
             old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
             os.replace(hf_dir, old)
-            os.replace(tmp, hf_dir)
+            try:
+                os.replace(tmp, hf_dir)
+            except OSError:
+                os.replace(old, hf_dir)  # put the old folder back
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, hf_dir)

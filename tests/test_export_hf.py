@@ -5,6 +5,7 @@ temporary folder, so it cannot import this repository: it sees only what the fol
 reports logits and tokens; this one checks them against Blueberry's own forward pass and sampler.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+import export_hf
 from config import ModelConfig, llama_equivalent
 from conftest import REPO, TINY_MODEL, assert_one_line_error, make_text, run_script
 from inference import generate
@@ -49,8 +51,10 @@ with torch.no_grad():
         report["greedy"].append(out[0, len(ids):].tolist())
     report["steps"].append([])
     batch = tok(texts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=new, do_sample=False)
-    report["batch"] = out[:, batch["input_ids"].shape[1]:].tolist()
+    out = model.generate(**batch, max_new_tokens=new, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    report["batch"] = out.sequences[:, batch["input_ids"].shape[1]:].tolist()
+    report["batch_logits"] = torch.stack(out.logits, 1).tolist()  # (rows, steps, vocab)
     report["pad_id"], report["mask"] = tok.pad_token_id, batch["attention_mask"].tolist()
     report["stops"] = model.generation_config.eos_token_id
     generator = pipeline("text-generation", model=hf_dir, **options)
@@ -93,16 +97,22 @@ def check_same_model(report, model, tokenizer, texts):
         greedy = list(generate(model, ids, NEW_TOKENS, temperature=0))
         hf = report["greedy"][i]
         assert hf == greedy[:len(hf)] and (len(hf) == NEW_TOKENS or hf[-1] in stops), (hf, greedy)
-        # padded rows: the same tokens as alone (after a stop, generate() fills the row with the pad id)
-        row = report["batch"][i][:len(hf)]
-        assert row == hf, (row, hf)
+        # padded rows: the same logits and tokens as alone (after a stop, generate() fills the row with pad ids)
+        assert report["batch"][i][:len(hf)] == hf, (report["batch"][i], hf)
+        with torch.no_grad():
+            alone = model(torch.tensor([ids + hf[:-1]]))[0, len(ids) - 1:]
+        diff = (torch.tensor(report["batch_logits"][i][:len(hf)]) - alone).abs().max().item()
+        assert diff < 1e-4, f"padded row {i}: logits differ by {diff}"
     assert report["steps"][0] == [len(report["ids"][0])] + [1] * (len(report["greedy"][0]) - 1), report["steps"][0]
     assert any(0 in row for row in report["mask"]), "the texts should need padding"
     assert report["pipeline"] == texts[0] + decode(tokenizer, report["greedy"][0])
     dtype, logits_dtype, half = report["bf16"]
     assert dtype == logits_dtype == "torch.bfloat16"
-    ref = model(torch.tensor([report["ids"][0]]))[0]
-    assert (torch.tensor(half) - ref).abs().max().item() < 0.25  # bf16 rounding, not a different function
+    with torch.no_grad():
+        ref = copy.deepcopy(model).to(torch.bfloat16)(torch.tensor([report["ids"][0]]))[0].float()
+    diff = (torch.tensor(half) - ref).abs().max().item()
+    print(f"bf16 logits differ from Blueberry's in bf16 by {diff}")
+    assert diff < 2e-2, diff  # bf16 rounding of the same function
 
 
 def make_run(out_dir, cfg: ModelConfig, tokenizer, seed=0):
@@ -132,11 +142,18 @@ def tiny_cfg(vocab_size, **overrides):
 
 # ----------------------------------------------------------------------------- export
 
-def test_a_trained_run_exports_with_its_own_code(trained_run, tmp_path):
-    hf_dir = tmp_path / "hf"
+@pytest.fixture(scope="module")
+def exported_run(trained_run, tmp_path_factory):
+    """The tiny trained run (default switches) exported with the CLI: (HF_DIR, what it printed)."""
+    hf_dir = tmp_path_factory.mktemp("export") / "hf"
     proc = run_script("export_hf.py", trained_run, hf_dir, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "BlueberryForCausalLM" in proc.stdout
+    return hf_dir, proc.stdout
+
+
+def test_a_trained_run_exports_with_its_own_code(trained_run, exported_run, tmp_path):
+    hf_dir, printed = exported_run
+    assert "BlueberryForCausalLM" in printed
     # the modeling code is the repository's own, byte for byte
     for shipped, source in (("model.py", "model.py"), ("config.py", "config.py"), ("modeling_blueberry.py", "hf_model.py")):
         assert (hf_dir / shipped).read_bytes() == (REPO / source).read_bytes(), shipped
@@ -184,8 +201,12 @@ def test_export_bad_input_is_one_line_and_never_half_written(tmp_path):
     assert_one_line_error(run_script("export_hf.py", tmp_path / "nothing", tmp_path / "a", timeout=60), "no run folder")
     incomplete = tmp_path / "incomplete"
     shutil.copytree(tmp_path / "run", incomplete)
+    shutil.rmtree(incomplete / checkpoint.TOKENIZER_DIR)
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete: cannot load tokenizer/"):
+        export_hf.export(incomplete, tmp_path / "b")
     (incomplete / checkpoint.WEIGHTS).unlink()
-    assert_one_line_error(run_script("export_hf.py", incomplete, tmp_path / "b", timeout=60), "no model.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="no model.safetensors"):
+        export_hf.export(incomplete, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
     hf_dir = tmp_path / "hf"
@@ -206,10 +227,9 @@ def test_export_bad_input_is_one_line_and_never_half_written(tmp_path):
     assert "keep.txt" not in names and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_lm_eval_scores_the_export_with_blueberrys_log_likelihoods(trained_run, tmp_path):
+def test_lm_eval_scores_the_export_with_blueberrys_log_likelihoods(trained_run, exported_run, tmp_path):
     pytest.importorskip("lm_eval")
-    hf_dir = tmp_path / "hf"
-    assert run_script("export_hf.py", trained_run, hf_dir, timeout=120).returncode == 0
+    hf_dir = exported_run[0]
     rows = [{"context": "ROMEO:", "choices": ["the", "xyz"]}, {"context": "To be, or not", "choices": ["to be", "qq"]}]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tiny_mc.yaml").write_text(
@@ -291,6 +311,16 @@ def test_fine_tuning_a_llama_and_exporting_it_gives_a_llama(llama_dir, tmp_path)
     ids = torch.tensor([encode(tokenizer, "seven wise owls hum softly")])
     with torch.no_grad():
         assert (tuned(ids) - llama(ids).logits).abs().max().item() < 1e-4
+
+
+def test_init_from_a_run_or_its_export_is_that_run(trained_run, exported_run):
+    run, tokenizer, _ = checkpoint.load_run(trained_run)
+    ids = torch.tensor([encode(tokenizer, "ROMEO:")])
+    for spec in (trained_run, exported_run[0]):
+        model, loaded, description = checkpoint.load_pretrained(str(spec))
+        assert model.cfg == run.cfg and len(loaded) == len(tokenizer), description
+        with torch.no_grad():
+            assert torch.equal(model(ids), run(ids)), description
 
 
 def test_init_from_what_cannot_be_loaded_the_same_is_one_line(llama_dir, tmp_path):
