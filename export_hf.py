@@ -105,7 +105,7 @@ def save_remote_code(model, ids: dict, folder: Path):
 
 def stop_token_ids(tokenizer) -> list:
     """EOS, and for a chat model the token its chat template puts right after an assistant's answer (ChatML's
-    <|im_end|>, Llama 3's <|eot_id|>): generate() stops at the end of a turn, as inference.py does."""
+    <|im_end|>, Llama 3's <|eot_id|>), so that generate() and pipelines stop at the end of a turn."""
     stops = [tokenizer.eos_token_id]
     if getattr(tokenizer, "chat_template", None):
         answer = "Blueberry-answer"
@@ -175,6 +175,7 @@ def model_card(model, config: dict, final: dict, architecture: str, where: str) 
                f"{final['val_acc']:.1%} (step {final['step']:,}, {final['tokens']:,} tokens)"
                if final else "no evaluation was recorded (metrics.jsonl has no validation line)")
     remote = "" if plain else ", trust_remote_code=True"
+    prompt = config.get("sample_prompt") or "Once upon a time"
     lm_eval_args = f"pretrained={where}" + ("" if plain else ",trust_remote_code=True")
     exported_as = (
         "a plain `LlamaForCausalLM`: every switch is Llama-equivalent, so no custom code is needed and any tool "
@@ -191,8 +192,8 @@ tags: [blueberry, {'llama, ' if plain else ''}text-generation]
 
 # Blueberry language model
 
-A {model.num_params() / 1e6:.2f}M-parameter decoder-only language model trained with
-Blueberry (Muon + AdamW). Exported as {exported_as}.
+A {model.num_params() / 1e6:.2f}M-parameter decoder-only language model trained with Blueberry.
+Exported as {exported_as}.
 
 ## Architecture
 
@@ -226,16 +227,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 model = AutoModelForCausalLM.from_pretrained("{where}"{remote})
 tokenizer = AutoTokenizer.from_pretrained("{where}"{remote})
-inputs = tokenizer(["ROMEO:", "To be"], return_tensors="pt", padding=True)  # pads on the left
+inputs = tokenizer([{prompt!r}, "The"], return_tensors="pt", padding=True)  # pads on the left
 out = model.generate(**inputs, max_new_tokens=50, do_sample=False)
 print(tokenizer.batch_decode(out, skip_special_tokens=True))
 
 generator = pipeline("text-generation", model="{where}"{remote})
-print(generator("ROMEO:", max_new_tokens=50)[0]["generated_text"])
+print(generator({prompt!r}, max_new_tokens=50)[0]["generated_text"])
 ```
 
-{"" if plain else "(transformers reads config.json for the tokenizer too, and asks before running the model's code "
-                 "unless told.) "}Pass `dtype=torch.bfloat16` to `from_pretrained` for half the memory. Evaluate it with
+{"" if plain else "The tokenizer takes `trust_remote_code=True` too: transformers reads config.json for it, and "
+                 "otherwise asks before running the model's code. "}Pass `dtype=torch.bfloat16` to `from_pretrained`
+for half the memory. Evaluate it with
 `lm_eval --model hf --model_args {lm_eval_args} --tasks TASK`.
 The context is {cfg.max_seq_len} tokens: keep prompt + new tokens within it.
 """
