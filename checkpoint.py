@@ -4,7 +4,8 @@ Every file is written to a temporary name and renamed into place, so a kill at a
 leaves either the old file or the new one, never half of one. `trainer_state.pt` holds
 everything a resume needs (model, optimizers, schedule, grad scaler, RNG, data position) in
 that one file, so a resumable checkpoint is always whole; `model.safetensors` +
-`config.json` + the tokenizer are what inference loads.
+`config.json` + the tokenizer are what inference loads. `load_pretrained` is where `--init_from` starts:
+a run's out_dir, or a Hugging Face Llama folder or hub id.
 """
 
 import dataclasses
@@ -17,7 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from common import atomic_write, first_line
 from config import ModelConfig
-from model import Blueberry
+from model import Blueberry, from_llama_config, from_llama_state_dict
+from sources import HubUnreachable, looks_like_path, require_hub
+from tokenizer import load_tokenizer, with_eos
 
 WEIGHTS, CONFIG, STATE, TOKENIZER_DIR, METRICS = (
     "model.safetensors", "config.json", "trainer_state.pt", "tokenizer", "metrics.jsonl")
@@ -67,24 +70,6 @@ def load_model(out_dir, device="cpu", dtype=None) -> tuple:
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match {CONFIG} ({first_line(e)}); restore both files together")
     return model.to(device=device, dtype=dtype).eval(), config
-
-
-def load_pretrained(spec, device="cpu") -> tuple:
-    """What --init_from names -> (model, tokenizer, description): a Blueberry run's out_dir (its weights,
-    model settings and tokenizer). One-line CheckpointError for a missing or incomplete one."""
-    from tokenizer import load_tokenizer  # (tokenizer.py imports the data sources: only --init_from needs them)
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"--init_from {spec}: no such folder; give the out_dir of a Blueberry run")
-    model, config = load_model(path, device)
-    try:
-        tokenizer = load_tokenizer(path / TOKENIZER_DIR)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"--init_from {spec}: {first_line(e)}; the run is incomplete")
-    if len(tokenizer) != model.cfg.vocab_size:
-        raise CheckpointError(f"--init_from {spec}: its tokenizer has {len(tokenizer)} tokens but its model "
-                              f"{model.cfg.vocab_size}: they come from different runs")
-    return model.train(), tokenizer, f"{path} (step {config.get('step', 0)})"
 
 
 # ----------------------------------------------------------------------------- the resume state
@@ -150,3 +135,101 @@ def truncate_metrics(path: Path, step: int):
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
+
+
+# ----------------------------------------------------------------------------- starting points
+
+def load_run(out_dir, device="cpu") -> tuple:
+    """A run's out_dir -> (model in eval mode, its tokenizer, config.json as a dict). CheckpointError (one line)
+    for a missing or incomplete run, or a tokenizer that is not the model's."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise CheckpointError(f"no run folder {out_dir}: train one first (python run_train.py --out_dir {out_dir})")
+    model, config = load_model(out_dir, device)
+    try:
+        tokenizer = load_tokenizer(out_dir / TOKENIZER_DIR)
+    except Exception as e:  # missing (DataError) or unreadable (whatever transformers raises): one line either way
+        raise CheckpointError(f"the run in {out_dir} is incomplete: cannot load {TOKENIZER_DIR}/ ({first_line(e)})")
+    _check_vocab(tokenizer, model.cfg.vocab_size, out_dir, exact=True)
+    return model, tokenizer, config
+
+
+def load_pretrained(spec, device="cpu") -> tuple:
+    """Where `--init_from` starts: a Blueberry run's out_dir, a folder written by export_hf.py, or a Hugging Face
+    LlamaForCausalLM (a folder or a hub id; SmolLM and TinyLlama are such). Returns (model in eval mode, fp32, its
+    tokenizer, a one-line description). A Llama becomes Blueberry with config.LLAMA_SWITCHES: the same function.
+    CheckpointError (one line) for what cannot be loaded, or loaded the same."""
+    where = f"--init_from {spec}"
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        if looks_like_path(spec):
+            raise CheckpointError(f"{where}: no such folder")
+        path = _download(spec, where)
+    try:
+        hf_config = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: no readable {CONFIG} in {path} ({first_line(e)}); "
+                              f"give a Blueberry out_dir or a Hugging Face model folder")
+    if "model_type" not in hf_config:  # Blueberry's own config.json
+        model, tokenizer, config = load_run(path, device)
+        return model, tokenizer, f"{spec} (a Blueberry run, step {config.get('step', 0)})"
+    if hf_config["model_type"] not in ("llama", "blueberry"):
+        architecture = "/".join(hf_config.get("architectures") or []) or hf_config["model_type"]
+        raise CheckpointError(f"{where}: architecture {architecture} is not Llama (LlamaForCausalLM); Blueberry "
+                              f"imports Llama checkpoints and its own exports")
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    try:
+        tokenizer = with_eos(AutoTokenizer.from_pretrained(str(path)))
+    except Exception as e:
+        raise CheckpointError(f"{where}: cannot load its tokenizer ({first_line(e)})")
+    blueberry = hf_config["model_type"] == "blueberry"  # exported by export_hf.py with model.py's own code
+    try:
+        cfg = ModelConfig(**hf_config["blueberry"]) if blueberry else from_llama_config(AutoConfig.from_pretrained(str(path)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: {first_line(e)}")
+    _check_vocab(tokenizer, cfg.vocab_size, where)
+    if blueberry:  # model.py's weights, under model.*
+        weights = {name.removeprefix("model."): t for name, t in _read_weights(path, where).items()}
+    else:
+        try:
+            weights = from_llama_state_dict(LlamaForCausalLM.from_pretrained(str(path)).state_dict(), cfg)
+        except Exception as e:
+            raise CheckpointError(f"{where}: cannot load its weights ({first_line(e)})")
+    model = Blueberry(cfg)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: its weights do not match its {CONFIG} ({first_line(e)})")
+    kind = "a Blueberry export" if blueberry else "Hugging Face LlamaForCausalLM"
+    return model.to(device).eval(), tokenizer, f"{spec} ({kind}, {model.num_params() / 1e6:.1f}M params)"
+
+
+def _download(repo_id, where) -> Path:
+    """A hub model's config, weights and tokenizer, from the hub or, where it cannot be reached, the local cache."""
+    from huggingface_hub import snapshot_download
+    try:
+        require_hub()
+        offline = ""
+    except HubUnreachable as e:
+        offline = str(e)
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=bool(offline), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]))
+    except Exception as e:
+        why = f"the Hugging Face hub is unreachable ({offline}) and it is not in the cache" if offline else first_line(e)
+        raise CheckpointError(f"{where}: not a local folder, and not a hub model that can be had: {why}")
+
+
+def _read_weights(path, where) -> dict:
+    try:
+        return load_file(str(Path(path) / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{where}: cannot read {WEIGHTS} ({first_line(e)})")
+
+
+def _check_vocab(tokenizer, vocab_size: int, where, exact=False):
+    # A run's vocabulary is its tokenizer's. Other models may have more embedding rows than tokens (padded for
+    # speed), never fewer.
+    if len(tokenizer) > vocab_size or (exact and len(tokenizer) != vocab_size):
+        raise CheckpointError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                              f"{vocab_size}: they do not belong together; restore the run's own tokenizer")

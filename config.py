@@ -112,8 +112,6 @@ class TrainConfig:
     max_tokens: int = option(0, "cap on tokens read from the source (0 = all)")
     cache_dir: str = option("data_cache", "where tokenizers and token caches are stored")
     thinking: bool = option(True, "conversations: keep the assistant's steps (`thinking`); false trains on answers only")
-    init_from: str = option("", "start from this run's out_dir (weights, model settings, tokenizer) with fresh "
-                            "optimizer state; empty = from scratch")
     # optimization
     batch_size: int = option(32, "sequences per micro-batch per process")
     grad_accum_steps: int = option(1, "micro-batches per optimizer step")
@@ -142,6 +140,9 @@ class TrainConfig:
     save_every: int = option(1000, "steps between checkpoints")
     out_dir: str = option("out", "output folder")
     resume: bool = option(False, "continue from the checkpoint in out_dir")
+    init_from: str = option("", "start from these weights and tokenizer: a run's out_dir, or a Hugging Face Llama "
+                            "folder or hub id (the model settings come from it; optimizers start fresh; empty = "
+                            "from scratch)")
     sample_tokens: int = option(200, "length of the sample printed at the end (0 = none)")
     # runtime
     seed: int = option(1337, "random seed (weights, batches)")

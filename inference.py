@@ -26,7 +26,7 @@ import torch
 import checkpoint
 from common import pick_device, pick_dtype
 from config import OneLineParser, SampleConfig, add_fields
-from tokenizer import decode, encode, load_tokenizer
+from tokenizer import decode, encode
 
 # --samples: prompts in the style of what the model was trained on (sample_prompt from config.json goes first)
 SHAKESPEARE_PROMPTS = ("ROMEO:", "JULIET:\nO Romeo, Romeo!", "HAMLET: To be, or not to be,",
@@ -41,23 +41,9 @@ def load_checkpoint(out_dir="out", device=None, dtype="auto") -> tuple:
     Raises checkpoint.CheckpointError (one line) for a missing or incomplete checkpoint or a
     tokenizer whose vocabulary is not the model's.
     """
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise checkpoint.CheckpointError(f"no checkpoint folder {out_dir}: train a model first "
-                                         f"(python run_train.py --out_dir {out_dir})")
     device = pick_device(device)
-    model, _ = checkpoint.load_model(out_dir, device, pick_dtype(dtype, device))
-    try:
-        tokenizer = load_tokenizer(out_dir / checkpoint.TOKENIZER_DIR)
-    except Exception as e:  # missing (DataError) or unreadable (whatever transformers raises): one line either way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise checkpoint.CheckpointError(f"cannot load the tokenizer saved with the checkpoint ({first}); "
-                                         f"the checkpoint in {out_dir} is incomplete") from None
-    if len(tokenizer) != model.cfg.vocab_size:
-        raise checkpoint.CheckpointError(
-            f"the tokenizer in {out_dir / checkpoint.TOKENIZER_DIR} has {len(tokenizer)} tokens but the model has a "
-            f"vocabulary of {model.cfg.vocab_size}: they come from different runs; restore the run's own tokenizer")
-    return model, tokenizer
+    model, tokenizer, _ = checkpoint.load_run(out_dir, device)
+    return model.to(dtype=pick_dtype(dtype, device)), tokenizer
 
 
 # ----------------------------------------------------------------------------- sampling one step

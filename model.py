@@ -14,7 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ModelConfig
+try:  # in a folder written by export_hf.py, transformers imports this file as part of a package, next to config.py
+    from .config import LLAMA_SWITCHES, ModelConfig
+except ImportError:  # in the repository: a top-level module
+    from config import LLAMA_SWITCHES, ModelConfig
 
 
 class RMSNorm(nn.RMSNorm):
@@ -343,7 +346,8 @@ class Blueberry(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Hugging Face Llama interop: one mapping, used by the equivalence test and for export.
+# Hugging Face Llama interop: one mapping, both ways. Used by the equivalence test, export_hf.py
+# (a Llama-equivalent run exports as LlamaForCausalLM) and checkpoint.load_pretrained (--init_from a Llama).
 
 def llama_config(cfg: ModelConfig):
     """A `transformers.LlamaConfig` with the same dimensions (uniform MLP: ffn_mult_first)."""
@@ -356,26 +360,72 @@ def llama_config(cfg: ModelConfig):
         initializer_range=cfg.init_std)
 
 
+def from_llama_config(hf) -> ModelConfig:
+    """The inverse of llama_config: the Blueberry settings (LLAMA_SWITCHES, a uniform MLP) of a transformers
+    LlamaConfig. ValueError naming the first thing Blueberry cannot compute the same way."""
+    if getattr(hf, "model_type", None) != "llama":
+        raise ValueError(f"architecture {'/'.join(hf.architectures or []) or hf.model_type} is not Llama "
+                         f"(LlamaForCausalLM); Blueberry imports Llama checkpoints only")
+    # transformers 5 keeps the RoPE settings in rope_parameters, 4.x in rope_theta + rope_scaling
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    unsupported = [
+        (rope_type != "default", f"rope scaling {rope_type!r}"),
+        (getattr(hf, "attention_bias", False), "attention_bias"), (getattr(hf, "mlp_bias", False), "mlp_bias"),
+        (hf.hidden_act != "silu", f"hidden_act {hf.hidden_act!r}"),
+        (head_dim * hf.num_attention_heads != hf.hidden_size, f"head_dim {head_dim} != hidden_size / heads"),
+    ]
+    for present, name in unsupported:
+        if present:
+            raise ValueError(f"Blueberry has no {name}")
+    # One MLP width for every block: multiple_of = that width, so the rounding in ffn_hidden cannot change it
+    # (nextafter keeps d_model * mult / width from landing a hair above 1 in floating point).
+    hidden = hf.intermediate_size
+    mult = hidden / hf.hidden_size
+    while math.ceil(hf.hidden_size * mult / hidden) > 1:
+        mult = math.nextafter(mult, 0.0)
+    return ModelConfig(
+        vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        max_seq_len=hf.max_position_embeddings, rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 1e4))),
+        ffn_mult_first=mult, ffn_mult_last=mult, multiple_of=hidden, norm_eps=hf.rms_norm_eps,
+        init_std=hf.initializer_range, tie_embeddings=bool(hf.tie_word_embeddings), **LLAMA_SWITCHES)
+
+
+def llama_weight_names(cfg: ModelConfig) -> dict:
+    """Blueberry weight name -> the Llama weight names it holds, in order: the fused qkv and w_in stack Llama's
+    separate projections along dim 0; every other weight is one Llama weight under another name."""
+    names = {"embed.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = ["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        b, p = f"blocks.{i}.", f"model.layers.{i}."
+        names.update({
+            b + "pre_attn_norm.weight": [p + "input_layernorm.weight"],
+            b + "attn.qkv.weight": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+            b + "attn.o_proj.weight": [p + "self_attn.o_proj.weight"],
+            b + "pre_mlp_norm.weight": [p + "post_attention_layernorm.weight"],
+            b + "mlp.w_in.weight": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+            b + "mlp.down.weight": [p + "mlp.down_proj.weight"],
+        })
+    return names
+
+
 def to_llama_state_dict(model: Blueberry) -> dict:
     """Blueberry weights under Hugging Face Llama names (Llama-equivalent switches only)."""
-    cfg = model.cfg
-    unsupported = [name for name in ("embed_scale", "sandwich_norm", "qk_norm", "attn_gate") if getattr(cfg, name)]
-    if unsupported or cfg.ffn_mult_first != cfg.ffn_mult_last:
-        raise ValueError(f"Llama has no equivalent for {unsupported or ['a pyramidal MLP']}; switch it off first")
-    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    if model.lm_head is not None:
-        sd["lm_head.weight"] = model.lm_head.weight
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        q, k, v = block.attn.qkv.weight.split((q_dim, kv_dim, kv_dim))
-        gate, up = block.mlp.w_in.weight.chunk(2)
-        sd.update({
-            p + "input_layernorm.weight": block.pre_attn_norm.weight,
-            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": block.attn.o_proj.weight,
-            p + "post_attention_layernorm.weight": block.pre_mlp_norm.weight,
-            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": block.mlp.down.weight,
-        })
-    return {name: t.detach().clone().contiguous() for name, t in sd.items()}
+    unsupported = model.cfg.non_llama_features()
+    if unsupported:
+        raise ValueError(f"Llama has no equivalent for {', '.join(unsupported)}; switch it off first")
+    params = dict(model.named_parameters())
+    sd = {}
+    for name, llama_names in llama_weight_names(model.cfg).items():
+        weight = params[name].detach()
+        # a fused weight splits into its projections where Muon splits it: (q, k, v) or (gate, up)
+        sd.update(zip(llama_names, weight.split(getattr(params[name], "muon_split", weight.size(0)))))
+    return {name: t.clone().contiguous() for name, t in sd.items()}
+
+
+def from_llama_state_dict(llama: dict, cfg: ModelConfig) -> dict:
+    """The inverse of to_llama_state_dict: a LlamaForCausalLM state dict -> Blueberry's, for cfg = from_llama_config."""
+    return {name: torch.cat([llama[n] for n in names]) for name, names in llama_weight_names(cfg).items()}

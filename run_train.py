@@ -169,6 +169,8 @@ def train(argv=None):
     np.random.seed(train_cfg.seed)
     out_dir = Path(train_cfg.out_dir)
 
+    # --init_from: another model's weights, settings and tokenizer (checkpoint.load_pretrained); the data is
+    # tokenized with that tokenizer
     source = tokenizer = None
     if train_cfg.init_from:
         source, tokenizer, model_cfg, description = from_pretrained(train_cfg, given)
@@ -188,7 +190,7 @@ def train(argv=None):
     else:  # the source's weights, and its embedding and head grown by the tokens the data added (the chat format)
         raw_model = Blueberry(dataclasses.replace(model_cfg, vocab_size=source.cfg.vocab_size))
         raw_model.load_state_dict(source.state_dict())
-        raw_model.resize_token_embeddings(bundle.vocab_size)
+        raw_model.resize_token_embeddings(max(bundle.vocab_size, source.cfg.vocab_size))
     model_cfg = raw_model.cfg
     raw_model.to(device)
     resume = checkpoint.load_resume_state(out_dir, model_cfg) if train_cfg.resume else None

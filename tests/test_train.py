@@ -243,7 +243,7 @@ def test_init_from_a_run_fine_tunes_on_conversations(trained_run, tmp_path, cach
                       "--max_steps", 6, "--eval_every", 6, "--out_dir", out, "--cache_dir", cache_dir,
                       "--d_model", 64)  # given, and equal to the source's: allowed
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"init from {trained_run} (step 40)" in proc.stdout
+    assert f"init from {trained_run} (a Blueberry run, step 40)" in proc.stdout
     source, tuned = (json.loads((p / "config.json").read_text()) for p in (trained_run, out))
     assert tuned["model"]["vocab_size"] == source["model"]["vocab_size"] + 4  # <|im_start|> <|im_end|> <think> </think>
     assert {k: v for k, v in tuned["model"].items() if k != "vocab_size"} == \
