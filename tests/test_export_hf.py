@@ -21,10 +21,8 @@ from config import ModelConfig, llama_equivalent
 from conftest import REPO, TINY_MODEL, assert_one_line_error, make_text, run_script
 from inference import generate
 from model import Blueberry, to_llama_state_dict
-from tokenizer import build_tokenizer, decode, encode, save_tokenizer
+from tokenizer import add_chat_format, build_tokenizer, decode, encode, save_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 NEW_TOKENS = 12
 
 # Runs in the clean process: everything a user of the exported folder would do, reported as JSON.
@@ -128,10 +126,9 @@ def make_run(out_dir, cfg: ModelConfig, tokenizer, seed=0):
 
 
 def chat_tokenizer():
-    """A small byte-level BPE with ChatML turn tokens and template, as a chat run's tokenizer has."""
+    """A small byte-level BPE with the chat format (turn and thinking tokens, the template), as a chat run's has."""
     tokenizer = build_tokenizer("bpe", 300, [make_text(300)])
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
+    add_chat_format(tokenizer)
     return tokenizer
 
 
@@ -338,10 +335,45 @@ def test_init_from_what_cannot_be_loaded_the_same_is_one_line(llama_dir, tmp_pat
         (broken("gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel is not Llama"),
         (broken("yarn", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope scaling 'yarn'"),
         (broken("bias", attention_bias=True), "attention_bias"),
-        (broken("vocab", vocab_size=100), "the tokenizer has 302 tokens but the model's vocabulary is 100"),
+        (broken("vocab", vocab_size=100), f"the tokenizer has {len(chat_tokenizer())} tokens but the model's "
+                                          f"vocabulary is 100"),
         (str(tmp_path / "missing"), "no such folder"),
     ]
     for spec, needle in cases:
         with pytest.raises(checkpoint.CheckpointError) as info:
             checkpoint.load_pretrained(spec)
         assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+CHAT_CHECK = r'''
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+hf_dir, question = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True,
+                              return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=60, do_sample=False)  # stops at generation_config's end of turn
+print(json.dumps({"prompt": ids["input_ids"][0].tolist(), "reply": out[0, ids["input_ids"].shape[1]:].tolist()}))
+'''
+
+
+def test_a_chat_run_exports_a_chat_model(chat_run, tmp_path):
+    """The exported tokenizer renders the chat prompt Blueberry renders, and HF generate() replies as Blueberry
+    does, stopping at the end of the turn."""
+    from tokenizer import IM_END, render_prompt
+    hf_dir = tmp_path / "hf"
+    assert run_script("export_hf.py", chat_run, hf_dir, timeout=120).returncode == 0
+    question = "What is 12 + 9?"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", "-c", CHAT_CHECK, str(hf_dir), question], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    model, tokenizer, _ = checkpoint.load_run(chat_run)
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": question}])
+    end_of_turn = tokenizer.convert_tokens_to_ids(IM_END)
+    assert report["prompt"] == prompt
+    assert report["reply"] == list(generate(model, prompt, 60, temperature=0, eos_id=end_of_turn))
