@@ -100,8 +100,9 @@ def open_conversations(dataset: str, cfg) -> tuple:
 
 
 def is_conversation_data(dataset: str, cfg) -> bool:
-    """Does `dataset` hold conversations (a `messages` column) rather than text? Judged from its first row; a hub
-    dataset seen once is remembered in cache_dir, so that a second run needs no network."""
+    """Does `dataset` hold conversations (a `messages` column) rather than text? Judged from its first row. What a
+    hub dataset holds is remembered in cache_dir, so that a second run needs no network; offline, a hub dataset
+    not seen before counts as text (whose path then says the hub cannot be reached)."""
     if dataset == ARITHMETIC:
         return True
     path = Path(dataset).expanduser()
@@ -109,19 +110,19 @@ def is_conversation_data(dataset: str, cfg) -> bool:
         return False
     if not path.exists() and (dataset == SHAKESPEARE or looks_like_path(dataset)):
         return False
-    marker = Path(cfg.cache_dir, "conversations", "hub", re.sub(r"[^\w.-]", "_", dataset))
-    if not path.exists() and marker.exists():
-        return True
+    memo = Path(cfg.cache_dir, "conversations", "hub", re.sub(r"[^\w.-]", "_", dataset))
+    if not path.exists() and memo.exists():
+        return memo.read_text() == "conversations"
     try:
         train, _ = open_conversations(dataset, cfg)[2]()
         found = "messages" in next(iter(train), {})
     except HubUnreachable:
-        raise
+        return False
     except Exception:  # not a table we can read: the text path reports it in its own words
         return False
-    if found and not path.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+    if not path.exists():
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text("conversations" if found else "text")
     return found
 
 

@@ -85,7 +85,7 @@ def prepare_data(train_cfg, max_seq_len, rank=0, tokenizer=None):
     except HubUnreachable as e:
         why = str(e)
     # only the defaults fall back: a hub id the user typed must not be silently swapped
-    for kind, name, default in (("dataset", dataset, DEFAULT_DATASET), ("tokenizer", tokenizer, DEFAULT_TOKENIZER)):
+    for kind, name, default in (("dataset", dataset, DEFAULT_DATASET), ("tokenizer", spec, DEFAULT_TOKENIZER)):
         if isinstance(name, str) and name != default and _is_hub_id(kind, name):
             raise DataError(f"cannot reach the Hugging Face hub ({why}) for {kind} {name!r}, which is not a local "
                             f"path either; connect, or use a local path or 'shakespeare' / 'char' / 'bpe'")
