@@ -11,7 +11,7 @@ line, and the answer under "(answer)".
 import sys
 import time
 
-from inference import generate
+from inference import generate, prompt_lines
 from tokenizer import END_THINK, IM_END, THINK, render_prompt
 
 DIM, PLAIN = "\x1b[2m", "\x1b[0m"
@@ -70,24 +70,12 @@ def chat_session(model, tokenizer, settings, show_thinking: bool = True, verbose
     """Multi-turn chat until quit, exit, Ctrl-D or Ctrl-C at the prompt. /reset clears the history; Ctrl-C
     during a reply stops it. Piped input is echoed, typed input is not."""
     tty = sys.stdin.isatty()
-    if tty:
-        print("chat: type a message and press enter; /reset clears the history; Ctrl-C stops a reply; "
-              "quit, exit or Ctrl-D ends", file=sys.stderr)
     history = []
-    while True:
-        try:
-            line = input("you> " if tty else "")
-        except (EOFError, KeyboardInterrupt):
-            if tty:
-                print(file=sys.stderr)  # leave the shell's prompt on a line of its own
-            return
-        if line.strip() in ("quit", "exit"):
-            return
+    for line in prompt_lines("you> ", "chat: type a message and press enter; /reset clears the history; Ctrl-C stops "
+                                      "a reply; quit, exit or Ctrl-D ends"):
         if line.strip() == "/reset":
             history = []
             print("(history cleared)", file=sys.stderr)
-            continue
-        if not line.strip():
             continue
         if not tty:
             print(f"you> {line}")
@@ -95,7 +83,7 @@ def chat_session(model, tokenizer, settings, show_thinking: bool = True, verbose
         budget = model.cfg.max_seq_len - min(settings.max_new_tokens, model.cfg.max_seq_len // 2)
         history = fit_history(tokenizer, history + [{"role": "user", "content": line}], budget)
         try:
-            thinking, answer, n, seconds = reply(model, tokenizer, history, settings, show_thinking, tty)
+            _, answer, n, seconds = reply(model, tokenizer, history, settings, show_thinking, tty)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
             history = history[:-1]

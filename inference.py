@@ -232,26 +232,33 @@ def read_prompts(path) -> list:
     return prompts
 
 
-def interactive(answer):
-    """Answer line by line until quit, exit, Ctrl-D or Ctrl-C at the prompt. Ctrl-C during an answer stops
-    that answer only. Piped input is echoed, typed input is not."""
+def prompt_lines(prompt: str, hint: str):
+    """The lines typed (or piped in) until quit, exit, Ctrl-D or Ctrl-C at the prompt; blank ones are skipped.
+    On a terminal, `hint` comes first and `prompt` before each line."""
     tty = sys.stdin.isatty()
     if tty:
-        print("type a prompt and press enter; Ctrl-C stops an answer; quit, exit or Ctrl-D ends", file=sys.stderr)
+        print(hint, file=sys.stderr)
     while True:
         try:
-            line = input("> " if tty else "")
+            line = input(prompt if tty else "")
         except (EOFError, KeyboardInterrupt):
             if tty:
                 print(file=sys.stderr)  # leave the shell's prompt on a line of its own
-            break
+            return
         if line.strip() in ("quit", "exit"):
-            break
+            return
         if line.strip():
-            try:
-                answer(line, echo=not tty)
-            except KeyboardInterrupt:
-                print("\n[stopped]", file=sys.stderr)
+            yield line
+
+
+def interactive(answer):
+    """Answer line by line (see prompt_lines); Ctrl-C during an answer stops that answer only. Piped input is
+    echoed, typed input is not."""
+    for line in prompt_lines("> ", "type a prompt and press enter; Ctrl-C stops an answer; quit, exit or Ctrl-D ends"):
+        try:
+            answer(line, echo=not sys.stdin.isatty())
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
 
 
 def chat(model, tokenizer, cfg, prompts):
