@@ -30,7 +30,7 @@ from tokenizer import IM_END, add_chat_format, render_conversation, render_promp
 ARITHMETIC = "arithmetic"
 ARITHMETIC_TRAIN, ARITHMETIC_VAL = 50_000, 500  # conversations; the val ones are held-out problems
 ROLES = ("system", "user", "assistant")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: training conversations are shuffled before packing
 
 
 # ----------------------------------------------------------------------------- checking rows
@@ -261,12 +261,16 @@ def prepare_conversations(cfg, max_seq_len: int, get_tokenizer, rank: int = 0) -
     window = max_seq_len + 1
     fingerprint = hashlib.sha256((tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template)).encode())
     entry = Path(cfg.cache_dir, "conversations", hashlib.sha256(json.dumps(
-        [CACHE_VERSION, key, cfg.thinking, fingerprint.hexdigest(), window, cfg.max_tokens, cfg.val_fraction]
+        [CACHE_VERSION, key, cfg.thinking, fingerprint.hexdigest(), window, cfg.max_tokens, cfg.val_fraction, cfg.seed]
     ).encode()).hexdigest()[:16])
     arrays = _load_packed(entry)
     if arrays is None:
         train, val, how = conversations()
         say(f"data: rendering and packing {len(train):,} + {len(val):,} conversations of {name}")
+        # Packed in a seeded random order: in the source's order, each kind of conversation would keep landing at
+        # the same offsets in its windows (the built-in set cycles through kinds and levels), and a model can learn
+        # that, then fail a kind that starts a chat at position 0, where it never saw it.
+        train = [train[i] for i in np.random.default_rng(cfg.seed).permutation(len(train))]
         t_tok, t_mask, t_counts = pack(tokenizer, train, window, cfg.max_tokens)
         v_tok, v_mask, v_counts = pack(tokenizer, val, window)
         arrays = {"train_tokens": t_tok, "train_mask": t_mask, "val_tokens": v_tok, "val_mask": v_mask}
