@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--time_rounds", type=int, default=5, help="rounds of the step-time measurement")
     p = add("stepwise", cmd_stepwise, "arithmetic with steps vs answers only, same model and time", rounds=1,
             warmup=0, tiny=False)
-    p.add_argument("--budget", type=float, default=300.0, help="seconds of training per side (both run at once)")
+    p.add_argument("--budget", type=float, default=150.0, help="seconds of training per side (both run at once)")
     p.add_argument("--eval_every", type=int, default=100, help="steps between evaluations (the accuracy curve)")
     p.add_argument("--eval_answers", type=int, default=50, help="held-out problems answered at each evaluation")
     p.add_argument("--problems", type=int, default=40, help="final held-out problems per kind and difficulty")
