@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from common import atomic_write, first_line
 from config import ModelConfig
-from model import Blueberry, from_llama_config, from_llama_state_dict
+from llama import from_llama_config, from_llama_state_dict
+from model import Blueberry
 from sources import HubUnreachable, looks_like_path, require_hub
 from tokenizer import load_tokenizer, with_eos
 

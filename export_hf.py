@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 import checkpoint
 from common import first_line
 from config import LLAMA_SWITCHES, OneLineParser, SampleConfig
-from model import llama_config, to_llama_state_dict
+from llama import llama_config, to_llama_state_dict
 from sources import HubUnreachable, require_hub
 
 REPO = Path(__file__).resolve().parent
@@ -83,7 +83,7 @@ def save_tokenizer(tokenizer, folder: Path) -> dict:
 
 
 def save_llama(model, ids: dict, folder: Path):
-    """A plain LlamaForCausalLM: Llama's config and Llama's weight names (model.llama_config, to_llama_state_dict)."""
+    """A plain LlamaForCausalLM: Llama's config and Llama's weight names (llama.llama_config, to_llama_state_dict)."""
     hf_config = llama_config(model.cfg)
     for name, value in {**ids, "architectures": ["LlamaForCausalLM"], "dtype": "float32"}.items():
         setattr(hf_config, name, value)

@@ -19,7 +19,8 @@ import torch
 
 from common import autocast
 from config import ModelConfig, llama_equivalent
-from model import Blueberry, llama_config, to_llama_state_dict
+from llama import llama_config, to_llama_state_dict
+from model import Blueberry
 from muon import optimizer_step
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,8 @@ import export_hf
 from config import ModelConfig, llama_equivalent
 from conftest import REPO, TINY_MODEL, assert_one_line_error, make_text, run_script
 from inference import generate
-from model import Blueberry, to_llama_state_dict
+from llama import to_llama_state_dict
+from model import Blueberry
 from tokenizer import add_chat_format, build_tokenizer, decode, encode, save_tokenizer
 
 NEW_TOKENS = 12

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from config import LLAMA_SWITCHES, ModelConfig
-from model import Blueberry, LinearCrossEntropy, llama_config, to_llama_state_dict
+from llama import llama_config, to_llama_state_dict
+from model import Blueberry, LinearCrossEntropy
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=48)
 LLAMA = dict(**LLAMA_SWITCHES, ffn_mult_first=2.0, ffn_mult_last=2.0)  # the switches and a uniform MLP
