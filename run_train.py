@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -139,13 +140,9 @@ def train(argv=None):
     np.random.seed(train_cfg.seed)
     out_dir = Path(train_cfg.out_dir)
 
-    # data: rank 0 tokenizes into the cache, the other ranks then read it
-    if master:
-        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank)
-    if world > 1:
-        dist.barrier()
-    if not master:
-        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank)
+    # data: every rank reads the token cache; under torchrun `python data.py` must have filled it (no rank
+    # tokenizes while the others wait on a collective: data.NotPrepared stops the run at once instead)
+    bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank, progress=master)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=bundle.vocab_size)
     say(f"data: {bundle.source}: {len(bundle.train_tokens):,} train / {len(bundle.val_tokens):,} val tokens")
 
@@ -318,6 +315,12 @@ def check_ranks_in_sync(model, world, say):
 def main():
     try:
         train()
+    except data.NotPrepared as e:  # torchrun: each node's first rank says it once; torchrun stops the others
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            sys.stderr.write(f"error: {e}\n")
+        else:
+            time.sleep(10)
+        sys.exit(1)
     except (TrainError, data.DataError, checkpoint.CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
