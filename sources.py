@@ -48,6 +48,15 @@ class DataError(ValueError):
     """Bad data input; the message is one line naming the problem and the fix."""
 
 
+class ReadError(DataError):
+    """A shard that could not be read. `remote`: a hub file, where the cause may be the network, so a
+    preparation keeps its progress and the same command continues from there."""
+
+    def __init__(self, message, remote=False):
+        super().__init__(message)
+        self.remote = remote
+
+
 class HubUnreachable(Exception):
     """Raised (with the reason) where the hub is needed but cannot be reached."""
 
@@ -157,13 +166,6 @@ def iter_rows(dataset, cfg, split="train", columns=None):
     """The rows of `split` of `dataset` (a hub id or a local table file or folder) as dicts, streamed:
     open_source(dataset, cfg).iter_rows(split, columns). See Source.iter_rows."""
     return open_source(dataset, cfg).iter_rows(split, columns)
-
-
-def texts_shard(name, texts):
-    """A Shard over strings already in memory (`texts`: a list, one document each)."""
-    def rows(skip, columns=None):
-        return ({"text": text} for text in texts[skip:])
-    return Shard(name, lambda skip: (_pieces(text) for text in texts[skip:]), rows)
 
 
 # ----------------------------------------------------------------------------- the embedded corpus
@@ -324,8 +326,9 @@ def _streamed_source(name, key, make_builder, column, hub, chars=None, splits=No
             raise DataError(f"could not open split {split!r} of {name} ({first_line(e)}); check the files") from e
         files = list((b.config.data_files or {}).get(split) or [])
         if len(files) != stream.num_shards:  # not one shard per file: read the split as one
-            return [_table_shard(f"{name} ({split})", stream, column)]
-        return [_table_shard(str(f), stream.shard(num_shards=len(files), index=i), column) for i, f in enumerate(files)]
+            return [_table_shard(f"{name} ({split})", stream, column, hub)]
+        return [_table_shard(str(f), stream.shard(num_shards=len(files), index=i), column, hub)
+                for i, f in enumerate(files)]
 
     return Source(name, key, find_splits, shards, hub=hub, chars=chars)
 
@@ -339,7 +342,7 @@ def _datasets():
     return datasets
 
 
-def _table_shard(name, stream, column):
+def _table_shard(name, stream, column, remote):
     """A Shard over one shard of a `datasets` IterableDataset, read as Arrow tables of ROWS_PER_BATCH rows."""
 
     def tables(skip):
@@ -349,7 +352,8 @@ def _table_shard(name, stream, column):
             try:  # only the reading is wrapped: an error here is the file's
                 table = next(batches, None)
             except Exception as e:
-                raise DataError(f"could not read {name} ({first_line(e)}); fix or remove the file") from e
+                fix = "the same command continues from here" if remote else "fix or remove the file"
+                raise ReadError(f"could not read {name} ({first_line(e)}); {fix}", remote) from e
             if table is None:
                 return
             seen += table.num_rows

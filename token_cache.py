@@ -17,7 +17,8 @@ Which documents validate, decided as they stream, with no full pass:
 Until an entry is complete the work lives in tokens/<name>-<hash>.partial/: train.bin and val.bin
 grow batch by batch, and progress.json records after each batch how many tokens each holds and where
 the stream stands (part, shard, row, piece). An interrupted preparation leaves only that folder, and
-the next run with the same fields continues from the record. Bad input removes it.
+the next run with the same fields continues from the record. Bad input removes it (a hub file
+that fails to read does not: the network may be the cause).
 
 Tokenization keeps every core busy with threads: the fast tokenizer's encode_batch runs a batch on
 all cores outside the GIL, while a second thread reads and parses the next batch. Measured against
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from common import atomic_write
-from sources import DataError, require_hub
+from sources import DataError, ReadError, require_hub
 
 BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: peak memory ~+70 MB
 CACHE_VERSION = 3  # bump when the cache format or tokenization changes
@@ -122,8 +123,9 @@ def _build(source, tokenizer, cfg, stem, rank, progress):
             val_f.flush()
             val_f.seek(0)
             shutil.copyfileobj(val_f, train_f)  # the validation part goes after the training part
-    except DataError:
-        shutil.rmtree(partial, ignore_errors=True)  # bad input: nothing half-written is kept
+    except DataError as e:
+        if not (isinstance(e, ReadError) and e.remote):  # a hub file may fail for the network: keep the progress
+            shutil.rmtree(partial, ignore_errors=True)  # bad input: nothing half-written is kept
         raise
     finally:
         bar.close()

@@ -20,7 +20,7 @@ import data
 import sources
 import token_cache
 from config import TrainConfig
-from conftest import documents, make_cfg, make_text, one_line_error
+from conftest import documents, make_cfg, make_text, one_line_error, stand_in_hub
 from data import BatchIterator, DataError, eval_batches, prepare_data
 from tokenizer import decode, load_tokenizer, save_tokenizer
 
@@ -244,11 +244,8 @@ def test_hub_ids_with_a_stand_in_hub_then_offline_from_cache(tmp_path, monkeypat
     hub.mkdir()
     (hub / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
     (hub / "test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in test))
-    real_builder, real_from_pretrained = datasets.load_dataset_builder, transformers.AutoTokenizer.from_pretrained
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(sources, "_probe_hub", lambda: "")  # the hub answers
-    monkeypatch.setattr(datasets, "load_dataset_builder",
-                        lambda name, **kwargs: real_builder(str(hub) if name == "someone/ds" else 1 / 0, **kwargs))
+    real_from_pretrained = transformers.AutoTokenizer.from_pretrained
+    stand_in_hub(monkeypatch, {"someone/ds": hub})
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kwargs: real_from_pretrained(
         str(tmp_path / "tok") if name == "someone/tok" else name, **kwargs))
     cfg = make_cfg(tmp_path, "someone/ds", "someone/tok")

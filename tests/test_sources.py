@@ -99,3 +99,32 @@ def test_table_files_print_no_progress_bars(tmp_path, capfd):
     for bar in ("Generating train split", "Map", "examples/s", "it/s", "%|"):
         assert bar not in out + err, out + err
     assert not err.strip() and all(line.startswith("data: ") for line in out.splitlines()), out + err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_iter_rows_streams_the_rows_of_a_split(tmp_path, suffix):
+    """The public row stream (what conversation data reads): rows as dicts, file by file, per split."""
+    folder = tmp_path / "chats"
+    folder.mkdir()
+
+    def chat(i):
+        return {"id": i, "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+
+    parts = {"train-00000": [chat(i) for i in range(3)], "train-00001": [chat(i) for i in range(3, 5)],
+             "validation": [chat(9)]}
+    for name, rows in parts.items():
+        path = folder / f"{name}{suffix}"
+        if suffix == ".jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            pd.DataFrame(rows).to_parquet(path)
+    cfg = make_cfg(tmp_path, folder)
+    source = sources.open_source(str(folder), cfg)
+    assert source.splits() == ("train", "validation")
+    assert list(source.iter_rows("train", columns=["messages"])) == \
+        [{"messages": r["messages"]} for r in parts["train-00000"] + parts["train-00001"]]
+    assert list(sources.iter_rows(str(folder), cfg, "validation")) == parts["validation"]
+    with pytest.raises(sources.DataError) as e:
+        list(source.iter_rows("train", columns=["conversation"]))
+    assert "no column 'conversation'" in str(e.value) and f"train-00000{suffix}" in str(e.value)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix == ".arrow"]  # streamed, not converted
