@@ -32,7 +32,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -46,7 +45,7 @@ import torch
 from common import world_info
 from config import TrainConfig
 from sources import SHAKESPEARE, DataError, HubUnreachable, looks_like_path, open_source, require_hub
-from token_cache import NotPrepared, cached_tokens, held_out
+from token_cache import NotPrepared, cached_tokens, held_out, not_prepared, slug  # noqa: F401 (NotPrepared: for run_train)
 from tokenizer import build_tokenizer, decode, load_hub_tokenizer, load_tokenizer, parse_builtin, save_tokenizer, with_eos
 
 DEFAULT_DATASET = TrainConfig.dataset
@@ -99,7 +98,7 @@ def _prepare(dataset, tok_spec, cfg, max_seq_len, rank, progress=False):
                         f"smaller max_seq_len")
     source = open_source(dataset, cfg)
     tokenizer, tok_name = _get_tokenizer(tok_spec, source, cfg, rank)
-    tokens, meta = cached_tokens(source, tokenizer, tok_name, cfg, _slug, rank, progress, _prepared_only())
+    tokens, meta = cached_tokens(source, tokenizer, tok_name, cfg, rank, progress, _prepared_only())
     train, val = _split(tokens, meta, window, cfg.val_fraction)
     val_source = _describe_validation(meta, cfg.val_fraction, len(val))
     if rank == 0:
@@ -113,12 +112,6 @@ def _prepare(dataset, tok_spec, cfg, max_seq_len, rank, progress=False):
 def _prepared_only():
     """Under torchrun (a process group of more than one) no rank tokenizes: the cache must be there."""
     return world_info()[1] > 1
-
-
-def _not_prepared(what, cfg):
-    """The one line a torchrun rank stops with when the cache is not filled yet: the command that fills it."""
-    return NotPrepared(f"{what} are not in {Path(cfg.cache_dir).resolve()}; prepare them first with "
-                       f"`python data.py {shlex.join(sys.argv[1:])}` (under torchrun no rank tokenizes)")
 
 
 def _is_hub_id(kind, name):
@@ -143,12 +136,12 @@ def _get_tokenizer(spec, source, cfg, rank):
     else:  # trained on the training side of this source, so keyed by it
         key = [spec, source.key, cfg.val_fraction, TOKENIZER_TRAIN_CHARS]
         name = "char" if builtin[0] == "char" else f"bpe:{builtin[1]}"
-    folder = Path(cfg.cache_dir, "tokenizers", f"{_slug(name)}-{_hash(key)}")
+    folder = Path(cfg.cache_dir, "tokenizers", f"{slug(name)}-{_hash(key)}")
     if not (folder / "tokenizer.json").exists():
         if _prepared_only():
             if builtin is None or source.hub:
                 require_hub()  # unreachable: prepare_data falls back, as `python data.py` did
-            raise _not_prepared(f"the {name} tokenizer for {source.name} and its tokens", cfg)
+            raise not_prepared(f"the {name} tokenizer for {source.name} and its tokens", cfg.cache_dir)
         if builtin is None:
             tokenizer = load_hub_tokenizer(spec)
         else:
@@ -202,10 +195,6 @@ def _save_atomic(tokenizer, folder):
 
 def _hash(obj):
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:12]
-
-
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9]+", "-", text.split(" (")[0].split("/")[-1]).strip("-")[:40] or "x"
 
 
 # ----------------------------------------------------------------------------- split

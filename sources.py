@@ -311,20 +311,22 @@ def _streamed_source(name, key, make_builder, column, hub, chars=None, splits=No
             state["builder"] = make_builder()
         return state["builder"]
 
+    def data_files():  # {split name: its files}, as the builder resolved them (hub: a listing, no download)
+        return {str(split): list(files) for split, files in (builder().config.data_files or {}).items()}
+
     def find_splits():
         if splits is not None:
             return splits
-        names = list(builder().config.data_files or {"train": None})
+        names = list(data_files()) or ["train"]
         train = "train" if "train" in names else names[0]
         return train, next((s for s in VAL_SPLITS if s in names and s != train), None)
 
     def shards(split):
-        b = builder()
         try:
-            stream = b.as_streaming_dataset(split=split)
+            stream = builder().as_streaming_dataset(split=split)
         except Exception as e:
-            raise DataError(f"could not open split {split!r} of {name} ({first_line(e)}); check the files") from e
-        files = list((b.config.data_files or {}).get(split) or [])
+            raise ReadError(f"could not open split {split!r} of {name} ({first_line(e)}); check the files", hub) from e
+        files = data_files().get(split, [])
         if len(files) != stream.num_shards:  # not one shard per file: read the split as one
             return [_table_shard(f"{name} ({split})", stream, column, hub)]
         return [_table_shard(str(f), stream.shard(num_shards=len(files), index=i), column, hub)

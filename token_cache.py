@@ -27,14 +27,19 @@ as fast or faster (see BENCHMARKS.md), and need no second copy of the tokenizer 
 """
 
 import hashlib
+import itertools
 import json
 import math
+import re
+import shlex
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from common import atomic_write
 from sources import DataError, ReadError, require_hub
@@ -53,7 +58,19 @@ def held_out(index, val_fraction):
     return math.floor((index + 1) * val_fraction) > math.floor(index * val_fraction)
 
 
-def entry_stem(source, tokenizer, tok_name, cfg, slug):
+def not_prepared(what, cache_dir):
+    """The one line a torchrun rank stops with when the cache is not filled: the command that fills it
+    (data.py takes the same flags as the run, so it is this run's own)."""
+    return NotPrepared(f"{what} are not in {Path(cache_dir).resolve()}; prepare them first with "
+                       f"`python data.py {shlex.join(sys.argv[1:])}` (under torchrun no rank tokenizes)")
+
+
+def slug(text):
+    """A short file-name-safe form of a source's or tokenizer's name."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text.split(" (")[0].split("/")[-1]).strip("-")[:40] or "x"
+
+
+def entry_stem(source, tokenizer, tok_name, cfg):
     """tokens/<name>-<hash>: the entry's path without suffix, keyed by the source, the tokenizer and the limits."""
     fingerprint = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     key = [CACHE_VERSION, source.key, fingerprint, tokenizer.eos_token_id, cfg.max_tokens, cfg.val_fraction]
@@ -61,17 +78,17 @@ def entry_stem(source, tokenizer, tok_name, cfg, slug):
     return Path(cfg.cache_dir, "tokens", f"{slug(source.name)}-{slug(tok_name)}-{digest}")
 
 
-def cached_tokens(source, tokenizer, tok_name, cfg, slug, rank=0, progress=False, prepared_only=False):
+def cached_tokens(source, tokenizer, tok_name, cfg, rank=0, progress=False, prepared_only=False):
     """-> (read-only memmap of every token, metadata): a complete entry, else one built now (or, with
     `prepared_only`, NotPrepared: under torchrun no rank tokenizes)."""
-    stem = entry_stem(source, tokenizer, tok_name, cfg, slug)
+    stem = entry_stem(source, tokenizer, tok_name, cfg)
     bin_path, meta_path = stem.with_suffix(".bin"), stem.with_suffix(".json")
     meta = read_meta(bin_path, meta_path)
     if meta is None:
         if prepared_only:
             if source.hub:
                 require_hub()  # unreachable: the caller falls back as `python data.py` did
-            raise NotPrepared(f"the tokens of {source.name} + {tok_name} are not in {Path(cfg.cache_dir).resolve()}")
+            raise not_prepared(f"the tokens of {source.name} + {tok_name}", cfg.cache_dir)
         meta = _build(source, tokenizer, cfg, stem, rank, progress)
     return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), meta
 
@@ -100,35 +117,28 @@ def _plan(source, cfg):
 
 
 def _build(source, tokenizer, cfg, stem, rank, progress):
-    from tqdm import tqdm
     how, parts = _plan(source, cfg)
     dtype = np.dtype(np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32)
     partial = stem.with_suffix(".partial")
+    encode, eos = _encoder(tokenizer), tokenizer.eos_token_id
     state = _resume(partial, dtype)
-    if rank == 0:
-        resumed = f", resuming at {state['n_train'] + state['n_val']:,} tokens" if state["n_train"] + state["n_val"] else ""
-        print(f"data: tokenizing {source.name}{resumed}")
-    start, done_before = time.time(), state["n_train"] + state["n_val"]
+    done_before = state["n_train"] + state["n_val"]
+    if rank == 0:  # before the bar: tqdm owns the line it draws on
+        print(f"data: tokenizing {source.name}" + (f", resuming at {done_before:,} tokens" if done_before else ""))
+    start = time.time()
     bar = tqdm(total=cfg.max_tokens or None, initial=done_before, unit="tok", unit_scale=True, desc="tokenize",
-               dynamic_ncols=True, disable=not progress or rank != 0)
+               dynamic_ncols=True, disable=not (progress and rank == 0))
     try:
-        with open(partial / "train.bin", "r+b") as train_f, open(partial / "val.bin", "r+b") as val_f:
-            files = {False: train_f, True: val_f}
-            for f, n in ((train_f, state["n_train"]), (val_f, state["n_val"])):
-                f.truncate(n * dtype.itemsize)  # anything past the record may be half a batch
-                f.seek(0, 2)
+        with bar, _Entry(partial, dtype, state, bar) as entry:
             for p in range(state["pos"][0], len(parts)):
-                _stream_part(source, tokenizer, parts[p], p, state, files, cfg, dtype, partial, bar)
-            train_f.flush()
-            val_f.flush()
-            val_f.seek(0)
-            shutil.copyfileobj(val_f, train_f)  # the validation part goes after the training part
+                split, cap, validates = parts[p]
+                batches = _batches(source.shards(split), entry.start_of(p), validates, cfg.val_fraction)
+                entry.stream(batches, encode, eos, cap, validates)
+            state = entry.finish()
     except DataError as e:
         if not (isinstance(e, ReadError) and e.remote):  # a hub file may fail for the network: keep the progress
             shutil.rmtree(partial, ignore_errors=True)  # bad input: nothing half-written is kept
         raise
-    finally:
-        bar.close()
     n_tokens = state["n_train"] + state["n_val"]
     if n_tokens == 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -143,10 +153,67 @@ def _build(source, tokenizer, cfg, stem, rank, progress):
     atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     shutil.rmtree(partial, ignore_errors=True)
     if rank == 0:
-        elapsed = time.time() - start
-        print(f"data: {n_tokens:,} tokens ({n_tokens - done_before:,} in {elapsed:.1f}s, "
-              f"{(n_tokens - done_before) / max(elapsed, 1e-9):,.0f} tokens/s), cached in {stem.parent}")
+        new, elapsed = n_tokens - done_before, time.time() - start
+        print(f"data: {n_tokens:,} tokens ({new:,} in {elapsed:.1f}s, {new / max(elapsed, 1e-9):,.0f} tokens/s), "
+              f"cached in {stem.parent}")
     return meta
+
+
+class _Entry:
+    """An entry being built in its .partial folder: the training and validation part files, and the
+    progress record (state) that says how many tokens each holds and where the stream stands."""
+
+    def __init__(self, partial, dtype, state, bar):
+        self.partial, self.dtype, self.state, self.bar = partial, dtype, state, bar
+
+    def __enter__(self):
+        self.files = {False: open(self.partial / "train.bin", "r+b"), True: open(self.partial / "val.bin", "r+b")}
+        for to_val, f in self.files.items():
+            f.truncate(self.state["n_val" if to_val else "n_train"] * self.dtype.itemsize)  # past the record: half a batch
+            f.seek(0, 2)
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files.values():
+            f.close()
+
+    def start_of(self, part):
+        """Where stream `part` starts: the recorded position if it is the one recorded, else its beginning."""
+        return self.state["pos"] if self.state["pos"][0] == part else [part, 0, 0, 0, 0]
+
+    def stream(self, batches, encode, eos, cap, validates):
+        """Tokenize `batches` (from _batches) into the part files up to `cap` tokens (0 = all), recording
+        the position after every batch. The next batch is read in a thread while this one is encoded."""
+        state, count = self.state, {False: self.state["n_train"], True: self.state["n_val"]}
+        written = {True: count[True], False: count[False], "held_out": count[False] + count[True]}[validates]
+        with ThreadPoolExecutor(1) as reader:  # leaving it waits for the batch being read
+            pending = reader.submit(next, batches, None)
+            while not (cap and written >= cap) and (batch := pending.result()) is not None:
+                pending = reader.submit(next, batches, None)
+                items, after = batch
+                for piece_ids, (_, ends_doc, to_val, starts_doc) in zip(encode([it[0] for it in items]), items):
+                    ids = piece_ids + [eos] if ends_doc else piece_ids
+                    ids = ids[:cap - written] if cap else ids
+                    np.asarray(ids, dtype=self.dtype).tofile(self.files[to_val])
+                    count[to_val] += len(ids)
+                    written += len(ids)
+                    state["docs"] += bool(starts_doc and ids)
+                    state["val_docs"] += bool(starts_doc and ids and to_val)
+                    self.bar.update(len(ids))
+                for f in self.files.values():
+                    f.flush()  # the bytes are in the files before the record says so
+                state.update(pos=after, n_train=count[False], n_val=count[True])
+                atomic_write(self.partial / "progress.json", lambda tmp: tmp.write_text(json.dumps(state)))
+        state["pos"] = [state["pos"][0] + 1, 0, 0, 0, 0]
+
+    def finish(self):
+        """Append the validation part to the training part (the entry's layout); -> the final state."""
+        train, val = self.files[False], self.files[True]
+        train.flush()
+        val.flush()
+        val.seek(0)
+        shutil.copyfileobj(val, train)
+        return self.state
 
 
 def _resume(partial, dtype):
@@ -165,38 +232,6 @@ def _resume(partial, dtype):
     for name in ("train.bin", "val.bin"):
         (partial / name).touch()
     return fresh
-
-
-def _stream_part(source, tokenizer, part, p, state, files, cfg, dtype, partial, bar):
-    """Tokenize one stream (a split) into the part files, batch by batch, up to its cap; record progress."""
-    split, cap, validates = part
-    pos = state["pos"] if state["pos"][0] == p else [p, 0, 0, 0, 0]
-    count = {False: state["n_train"], True: state["n_val"]}
-    written = count[True] if validates is True else count[False] + (count[True] if validates == "held_out" else 0)
-    encode = _encoder(tokenizer)
-    eos = tokenizer.eos_token_id
-    with ThreadPoolExecutor(1) as reader:  # reads and parses the next batch while this one is encoded
-        batches = _batches(source.shards(split), pos, validates, cfg.val_fraction)
-        pending = reader.submit(next, batches, None)
-        while not (cap and written >= cap) and (batch := pending.result()) is not None:
-            pending = reader.submit(next, batches, None)
-            items, after = batch
-            for (piece_ids, (ends_doc, to_val, starts_doc)) in zip(encode([it[0] for it in items]), (it[1:] for it in items)):
-                ids = piece_ids + [eos] if ends_doc else piece_ids
-                if cap:
-                    ids = ids[:cap - written]
-                np.asarray(ids, dtype=dtype).tofile(files[to_val])
-                count[to_val] += len(ids)
-                written += len(ids)
-                state["docs"] += bool(starts_doc and ids)
-                state["val_docs"] += bool(starts_doc and ids and to_val)
-                bar.update(len(ids))
-            for f in files.values():
-                f.flush()  # the bytes are in the files before the record says so
-            state.update(pos=after, n_train=count[False], n_val=count[True])
-            atomic_write(partial / "progress.json", lambda tmp: tmp.write_text(json.dumps(state)))
-        pending.cancel()
-    state["pos"] = [p + 1, 0, 0, 0, 0]
 
 
 def _encoder(tokenizer):
@@ -218,21 +253,16 @@ def _batches(shards, pos, validates, val_fraction):
         row = first_row if s == first_shard else 0
         for pieces in shards[s].documents(row):
             to_val = held_out(doc, val_fraction) if validates == "held_out" else validates
-            skip = first_piece if (s, row) == (first_shard, first_row) else 0
-            k, piece = skip, None
-            for k, piece in enumerate(pieces):
-                if k >= skip:  # a resumed document: its first pieces are already in the files
-                    break
-            else:
-                piece = None
+            k = first_piece if (s, row) == (first_shard, first_row) else 0  # resumed: k pieces are in the files
+            pieces = itertools.islice(pieces, k, None)
+            piece = next(pieces, None)
             while piece is not None:
                 following = next(pieces, None)
-                ends = following is None
-                batch.append((piece, ends, to_val, k == 0))
+                batch.append((piece, following is None, to_val, k == 0))
                 size += len(piece)
                 k += 1
                 if size >= BATCH_CHARS:
-                    yield batch, ([part, s, row + 1, 0, doc + 1] if ends else [part, s, row, k, doc])
+                    yield batch, ([part, s, row + 1, 0, doc + 1] if following is None else [part, s, row, k, doc])
                     batch, size = [], 0
                 piece = following
             row += 1

@@ -298,3 +298,30 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     with pytest.raises(DataError) as e:
         load_tokenizer(tmp_path / "nowhere")
     one_line_error(e, "nowhere")
+
+
+def test_under_torchrun_a_rank_only_reads_a_prepared_cache(tmp_path, monkeypatch):
+    """In a process group of more than one, a missing tokenizer or token entry stops at once with the
+    command that prepares it, and nothing is written; a prepared cache is read as usual."""
+    (tmp_path / "a.txt").write_text(make_text(300))
+    cfg, cache = make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300", max_tokens=3000), str((tmp_path / "cache").resolve())
+
+    def as_rank(rank, world):
+        monkeypatch.setattr(data, "world_info", lambda: (rank, world))
+
+    as_rank(1, 2)
+    with pytest.raises(data.NotPrepared) as e:
+        prepare_data(cfg, max_seq_len=16)
+    one_line_error(e, "the bpe:300 tokenizer", "are not in " + cache, "python data.py")
+    assert not (tmp_path / "cache").exists()
+    as_rank(0, 1)
+    prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300", max_tokens=2000), max_seq_len=16)  # another cap
+    as_rank(1, 2)
+    with pytest.raises(data.NotPrepared) as e:  # the tokenizer is there, not these tokens
+        prepare_data(cfg, max_seq_len=16)
+    one_line_error(e, "the tokens of a.txt (1 file) + bpe:300", "are not in " + cache, "python data.py")
+    assert len(list((tmp_path / "cache").rglob("*.bin"))) == 1
+    as_rank(0, 1)
+    prepared = prepare_data(cfg, max_seq_len=16)
+    as_rank(1, 2)
+    np.testing.assert_array_equal(prepare_data(cfg, max_seq_len=16).train_tokens, prepared.train_tokens)
