@@ -44,7 +44,7 @@ import torch
 
 from common import world_info
 from config import TrainConfig
-from sources import SHAKESPEARE, DataError, HubUnreachable, looks_like_path, open_source, require_hub
+from sources import SHAKESPEARE, DataError, HubUnreachable, closing, looks_like_path, open_source, require_hub
 from token_cache import NotPrepared, cached_tokens, held_out, not_prepared, slug  # noqa: F401 (NotPrepared: for run_train)
 from tokenizer import build_tokenizer, decode, load_hub_tokenizer, load_tokenizer, parse_builtin, save_tokenizer, with_eos
 
@@ -147,11 +147,11 @@ def _get_tokenizer(spec, source, cfg, rank):
         else:
             if rank == 0:
                 print(f"data: building the {name} tokenizer on {source.name}")
-            texts = _tokenizer_text(source, cfg.val_fraction)
-            first = next(texts, None)
-            if first is None:
-                raise DataError(f"{source.name} has no text to build the {name} tokenizer from; check the source")
-            tokenizer = build_tokenizer(*builtin, itertools.chain([first], texts))
+            with closing(_tokenizer_text(source, cfg.val_fraction)) as texts:
+                first = next(texts, None)
+                if first is None:
+                    raise DataError(f"{source.name} has no text to build the {name} tokenizer from; check the source")
+                tokenizer = build_tokenizer(*builtin, itertools.chain([first], texts))
         _save_atomic(tokenizer, folder)
     tokenizer = load_tokenizer(folder)
     if builtin and builtin[0] == "char":

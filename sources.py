@@ -2,8 +2,8 @@
 
     source = open_source(train_cfg.dataset, train_cfg)       # nothing is read yet
     train, val = source.splits()                              # split names; val is None without a validation split
-    for row in source.iter_rows(train, columns=["messages"]):  # rows as dicts, streamed (table and hub data)
-        ...
+    with closing(source.iter_rows(train, columns=["messages"])) as rows:  # dicts, streamed (table and hub data)
+        for row in rows: ...
     for pieces in source.documents(train):                    # the text path: one iterator of text pieces per document
         ...
 
@@ -22,6 +22,8 @@ Also here: whether the hub can be reached (`require_hub`, a bounded probe), and 
 one-line error for bad data input that every data module raises.
 """
 
+import contextlib
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -117,8 +119,8 @@ class Shard:
 class Source:
     """Where text comes from. `key` identifies the content for the cache (ids, sizes, mtimes) without
     reading it; `single_text` marks one plain-text document (validated by its last tokens); `hub` marks
-    a hub dataset (needs the network until its tokens are cached); `chars` is the size in characters
-    where it is known without reading (local files), else None."""
+    a hub dataset (needs the network until its tokens are cached); `chars` is the size of local text
+    files in characters (bytes: exact for ASCII), known without reading them, else None."""
 
     def __init__(self, name, key, splits, shards, single_text=False, hub=False, chars=None):
         self.name, self.key, self.single_text, self.hub, self.chars = name, key, single_text, hub, chars
@@ -144,9 +146,21 @@ class Source:
     def iter_rows(self, split, columns=None):
         """Every row of `split` as a dict ({column: value}, only `columns` when given), streamed shard by
         shard; a column that is missing is a DataError naming the file. A .txt file or an embedded play
-        is one row, {"text": its text}."""
+        is one row, {"text": its text}. To stop before the end, read it inside `with closing(...)`."""
         for shard in self.shards(split):
             yield from shard.rows(0, columns)
+
+
+@contextlib.contextmanager
+def closing(stream):
+    """Use a stream (a generator over a source) and, however it ends, close it and collect it at once.
+    A reader that stops early (at a cap, a sample's size) leaves a pyarrow scan half done; left to the
+    garbage collector at interpreter exit, its thread pool can hang the process (apache/arrow#45214)."""
+    try:
+        yield stream
+    finally:
+        stream.close()
+        gc.collect()
 
 
 def open_source(dataset, cfg):
@@ -231,12 +245,12 @@ def _local_source(path, cfg):
     val = next((s for s in VAL_SPLITS if s in splits), None)
     name = f"{path.name} ({len(files)} file{'s' * (len(files) > 1)})"
     key = json.dumps([stamps, cfg.text_column])
-    chars = sum(f.stat().st_size for f in splits["train"])  # bytes: chars for ASCII, an upper bound otherwise
     if kind != "txt":
         def builder():
             data_files = {split: [str(f) for f in fs] for split, fs in splits.items()}
             return _datasets().load_dataset_builder(kind, data_files=data_files, cache_dir=str(Path(cfg.cache_dir, "hf")))
-        return _streamed_source(name, key, builder, cfg.text_column, hub=False, chars=chars, splits=("train", val))
+        return _streamed_source(name, key, builder, cfg.text_column, hub=False, splits=("train", val))
+    chars = sum(f.stat().st_size for f in splits["train"])  # bytes: chars for ASCII, an upper bound otherwise
 
     def shards(split):  # a .txt file is one document
         return [Shard(str(f), lambda skip, f=f: iter([_read_pieces(f)][skip:]),
@@ -301,14 +315,19 @@ def _hub_source(name, cfg):
     return _streamed_source(name, json.dumps(["hub", name, cfg.text_column]), builder, cfg.text_column, hub=True)
 
 
-def _streamed_source(name, key, make_builder, column, hub, chars=None, splits=None):
+def _streamed_source(name, key, make_builder, column, hub, splits=None):
     """A Source over a `datasets` builder (made on first use), read with its streaming mode. A split's
     shards are its data files when the stream has one shard per file (so errors can name the file)."""
     state = {}
 
     def builder():
         if "builder" not in state:
-            state["builder"] = make_builder()
+            state["builder"] = b = make_builder()
+            if hasattr(b.config, "fragment_scan_options") and b.config.fragment_scan_options is None:
+                # Parquet: pyarrow pre-buffers a file's column chunks for all its row groups at once by
+                # default, which for a hub shard of a few GB is that much memory; read row group by row group
+                import pyarrow.dataset
+                b.config.fragment_scan_options = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
         return state["builder"]
 
     def data_files():  # {split name: its files}, as the builder resolved them (hub: a listing, no download)
@@ -332,7 +351,7 @@ def _streamed_source(name, key, make_builder, column, hub, chars=None, splits=No
         return [_table_shard(str(f), stream.shard(num_shards=len(files), index=i), column, hub)
                 for i, f in enumerate(files)]
 
-    return Source(name, key, find_splits, shards, hub=hub, chars=chars)
+    return Source(name, key, find_splits, shards, hub=hub)
 
 
 def _datasets():

@@ -42,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import atomic_write
-from sources import DataError, ReadError, require_hub
+from sources import DataError, ReadError, closing, require_hub
 
 BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: peak memory ~+70 MB
 CACHE_VERSION = 3  # bump when the cache format or tokenization changes
@@ -132,8 +132,8 @@ def _build(source, tokenizer, cfg, stem, rank, progress):
         with bar, _Entry(partial, dtype, state, bar) as entry:
             for p in range(state["pos"][0], len(parts)):
                 split, cap, validates = parts[p]
-                batches = _batches(source.shards(split), entry.start_of(p), validates, cfg.val_fraction)
-                entry.stream(batches, encode, eos, cap, validates)
+                with closing(_batches(source.shards(split), entry.start_of(p), validates, cfg.val_fraction)) as batches:
+                    entry.stream(batches, encode, eos, cap, validates)
             state = entry.finish()
     except DataError as e:
         if not (isinstance(e, ReadError) and e.remote):  # a hub file may fail for the network: keep the progress
