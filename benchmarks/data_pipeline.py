@@ -20,8 +20,8 @@ from benchmarks.common import ENV, REPO, alternate, machine, print_table, ratio,
 
 # One preparation through prepare_data, optionally on `cores` cores, or with a process pool as the
 # encoder (`mode` = processes: one single-threaded tokenizer per core, fed each batch in contiguous
-# chunks, forked before any tokenizer runs). A thread samples the resident set (Linux /proc) and the
-# tokens written. Prints one JSON line.
+# chunks, forked before any tokenizer runs). A thread samples the anonymous resident set (Linux /proc)
+# every 10 ms. Prints one JSON line.
 _CHILD = """
 import json, os, sys, threading, time
 dataset, tok, cache, cap, cores, mode = sys.argv[1:7]
@@ -57,9 +57,9 @@ if mode == "processes":
         return run
     token_cache._encoder = pool_encoder
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+def rss_mb():  # anonymous resident memory (heap, buffers), not the shared libraries' pages
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
 
 data.load_tokenizer(tok)  # transformers imported before the baseline is read
 before, samples, done = rss_mb(), [], False

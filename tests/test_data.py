@@ -20,7 +20,7 @@ import data
 import sources
 import token_cache
 from config import TrainConfig
-from conftest import documents, make_cfg, make_text, one_line_error, stand_in_hub
+from conftest import assert_one_line_error, documents, make_cfg, make_text, one_line_error, run_script, stand_in_hub
 from data import BatchIterator, DataError, eval_batches, prepare_data
 from tokenizer import decode, load_tokenizer, save_tokenizer
 
@@ -325,3 +325,11 @@ def test_under_torchrun_a_rank_only_reads_a_prepared_cache(tmp_path, monkeypatch
     prepared = prepare_data(cfg, max_seq_len=16)
     as_rank(1, 2)
     np.testing.assert_array_equal(prepare_data(cfg, max_seq_len=16).train_tokens, prepared.train_tokens)
+
+
+def test_data_py_reports_bad_input_in_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "a.txt").write_text(make_text(300))
+    proc = run_script("data.py", "--dataset", tmp_path / "a.txt", "--tokenizer", "char", "--max_tokens", 100,
+                      "--max_seq_len", 64, "--cache_dir", tmp_path / "cache", timeout=120)
+    assert_one_line_error(proc, "max_tokens 100", "--max_tokens 130")
+    assert not (tmp_path / "cache").exists()
