@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_mb", type=int, default=100, help="characters of text per Parquet shard, in M")
     p.add_argument("--cap", type=int, default=300_000, help="max_tokens of the capped read")
     p.add_argument("--speed_tokens", type=int, default=20_000_000, help="max_tokens of each tokens/s run")
-    p.add_argument("--mem_budget_mb", type=int, default=300, help="allowed growth of the resident set while streaming")
-    p.add_argument("--tmp", default=None, help="folder for the corpus and caches (default: the system's temp)")
+    p.add_argument("--mem_budget_mb", type=int, default=400, help="allowed growth of the resident set while streaming")
+    p.add_argument("--flat_mb", type=int, default=50, help="allowed growth after the first 10%% of the pass")
+    p.add_argument("--tmp", default=None, help="folder for the corpus and caches (None: the system's temp)")
     p = add("gpu", cmd_gpu, "tokens/s and MFU on a CUDA GPU", warmup=3)
     p.add_argument("--repeat", type=int, default=10, help="steps per round")
     return parser

@@ -315,10 +315,10 @@ def check_ranks_in_sync(model, world, say):
 def main():
     try:
         train()
-    except data.NotPrepared as e:  # torchrun: each node's first rank says it once; torchrun stops the others
+    except data.NotPrepared as e:  # torchrun: every rank finds it; each node's first rank says it, once
         if os.environ.get("LOCAL_RANK", "0") == "0":
             sys.stderr.write(f"error: {e}\n")
-        else:
+        else:  # torchrun stops the other ranks when that one exits; exiting first could cut its line off
             time.sleep(10)
         sys.exit(1)
     except (TrainError, data.DataError, checkpoint.CheckpointError) as e:

@@ -155,7 +155,7 @@ class Source:
 def closing(stream):
     """Use a stream (a generator over a source) and, however it ends, close it and collect it at once.
     A reader that stops early (at a cap, a sample's size) leaves a pyarrow scan half done; left to the
-    garbage collector at interpreter exit, its thread pool can hang the process (apache/arrow#45214)."""
+    garbage collector at interpreter exit, its thread pool can hang the process (apache/arrow#45214, #50482)."""
     try:
         yield stream
     finally:

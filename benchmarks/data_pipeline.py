@@ -197,5 +197,6 @@ def cmd_data(args):
     print_table(f"data pipeline (a generated {args.corpus_gb:g} GB corpus, bpe:8192)", ["step", "result", "notes"], rows)
     print(f"all cores vs 1 core, threads: {scaling:.2f}x; threads vs processes at all cores: {threads_vs:.2f}x "
           f"(> 1: threads faster)")
-    print(f"peak memory streaming {chars / 1e9:.2f} G chars: +{grew:.0f} MB, of which +{drift:.0f} MB after the "
-          f"first 10% of the pass (budget {args.mem_budget_mb} MB in all: {verdict(grew <= args.mem_budget_mb)})")
+    print(f"peak memory streaming {chars / 1e9:.2f} G chars: +{grew:.0f} MB in all (budget {args.mem_budget_mb} MB: "
+          f"{verdict(grew <= args.mem_budget_mb)}), +{drift:.0f} MB after the first 10% of the pass (flat: at most "
+          f"{args.flat_mb} MB: {verdict(drift <= args.flat_mb)})")
