@@ -133,8 +133,8 @@ def _get_tokenizer(spec, source, cfg, rank):
                         f"'char', 'bpe[:N]' or a hub id")
     if builtin is None:
         key, name = ["hub", spec], spec
-    else:  # trained on the training side of this source, so keyed by it
-        key = [spec, source.key, cfg.val_fraction, TOKENIZER_TRAIN_CHARS]
+    else:  # trained on the training side of this source, so keyed by it (and by how that side is chosen)
+        key = [spec, source.key, cfg.val_fraction, TOKENIZER_TRAIN_CHARS, "held out as they stream"]
         name = "char" if builtin[0] == "char" else f"bpe:{builtin[1]}"
     folder = Path(cfg.cache_dir, "tokenizers", f"{slug(name)}-{_hash(key)}")
     if not (folder / "tokenizer.json").exists():

@@ -21,9 +21,10 @@ the next run with the same fields continues from the record. Bad input removes i
 that fails to read does not: the network may be the cause).
 
 Tokenization keeps every core busy with threads: the fast tokenizer's encode_batch runs a batch on
-all cores outside the GIL, while a second thread reads and parses the next batch. Measured against
-a pool of single-threaded processes fed the same batches in `python bench.py data`: threads were
-as fast or faster (see BENCHMARKS.md), and need no second copy of the tokenizer per core.
+all cores outside the GIL, while a second thread reads and parses the next batch. `python bench.py
+data` measures it against a pool of single-threaded processes fed the same batches: on 2 cores
+threads were 4-6% faster (2.23 against 2.05 M tokens/s; BENCHMARKS.md), as the pool pickles the text
+out and the ids back.
 """
 
 import hashlib
@@ -44,7 +45,7 @@ from tqdm import tqdm
 from common import atomic_write
 from sources import DataError, ReadError, closing, require_hub
 
-BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: peak memory ~+70 MB
+BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: ~25 MB of encodings and ids
 CACHE_VERSION = 3  # bump when the cache format or tokenization changes
 
 
