@@ -6,7 +6,8 @@
     train     validation loss against wall-clock time: Blueberry (Muon) vs the Llama-equivalent model with AdamW
     ablate    each feature off in turn, and AdamW instead of Muon, at equal time
     stepwise  what thinking in steps buys: arithmetic accuracy with steps vs answers only, same model and time
-    data      tokenizer training, tokenization throughput, cache load time, peak memory on a large file
+    data      a generated corpus of a few GB streamed: capped read, tokens/s per core count, threads vs
+              processes, peak memory, cache load time
     gpu       tokens/s and MFU on a CUDA GPU (bf16, fp16 + GradScaler, with and without torch.compile)
 
 The measurements live in benchmarks/ (common.py: the alternating timer and the Llama peer). Each
@@ -75,9 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", type=int, default=40, help="final held-out problems per kind and difficulty")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out_bench", help="folder for the plot")
-    p = add("data", cmd_data, "tokenization throughput, cache load time, peak memory", tiny=False)
-    p.add_argument("--file_mb", type=int, default=128, help="size of the large file to tokenize")
-    p.add_argument("--mem_budget_mb", type=int, default=100, help="allowed growth of the resident set while tokenizing")
+    p = add("data", cmd_data, "streamed tokenization: capped read, tokens/s per core count, threads vs processes, "
+            "peak memory", rounds=3, warmup=0, tiny=False)
+    p.add_argument("--corpus_gb", type=float, default=2.0, help="characters of text in the generated corpus, in G")
+    p.add_argument("--shard_mb", type=int, default=100, help="characters of text per Parquet shard, in M")
+    p.add_argument("--cap", type=int, default=300_000, help="max_tokens of the capped read")
+    p.add_argument("--speed_tokens", type=int, default=20_000_000, help="max_tokens of each tokens/s run")
+    p.add_argument("--mem_budget_mb", type=int, default=400, help="allowed growth of the resident set while streaming")
+    p.add_argument("--flat_mb", type=int, default=50, help="allowed growth after the first 10%% of the pass")
+    p.add_argument("--tmp", default=None, help="folder for the corpus and caches (None: the system's temp)")
     p = add("gpu", cmd_gpu, "tokens/s and MFU on a CUDA GPU", warmup=3)
     p.add_argument("--repeat", type=int, default=10, help="steps per round")
     return parser

@@ -228,6 +228,11 @@ PRESETS = {
         vocab_size=50304, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=8, max_seq_len=2048,
         batch_size=8, grad_accum_steps=8, max_steps=20000, eval_every=500, save_every=1000,
         tokenizer="gpt2", muon_lr=0.01, adamw_lr=0.001,
+        # The token budget: ~20 tokens per parameter (Chinchilla) for 1.39B parameters is ~28B tokens, 56 GB
+        # of uint16 (GPT-2's 50,257 tokens fit) read from a streamed corpus that stops at the cap. The run
+        # draws 20,000 x 8 x 8 x 2048 = 2.6B tokens per GPU: 21B on 8 GPUs, 42B on 16 (~1.5 passes).
+        # 0.1% held out is 28M validation tokens, far more than an evaluation reads.
+        max_tokens=28_000_000_000, val_fraction=0.001,
     ),
 }
 

@@ -23,8 +23,8 @@ import torch
 
 import arithmetic
 from common import atomic_write
-from sources import (SHAKESPEARE, VAL_SPLITS, DataError, Docs, HubUnreachable, Source, _folder_splits,
-                     looks_like_path, require_hub)
+from sources import SHAKESPEARE, DataError, HubUnreachable, Shard, Source, closing, looks_like_path, open_source
+from token_cache import not_prepared
 from tokenizer import IM_END, add_chat_format, render_conversation, render_prompt, split_reply
 
 ARITHMETIC = "arithmetic"
@@ -44,6 +44,11 @@ def check_messages(messages, where: str, thinking: bool = True) -> list:
         raise DataError(f"{where}: the conversation is empty; drop the row or give it messages")
     out = []
     for i, m in enumerate(messages):
+        if isinstance(m, str) and m.startswith("{"):  # `datasets` streams messages whose keys differ as JSON text
+            try:
+                m = json.loads(m)
+            except ValueError:
+                pass
         if not isinstance(m, dict):
             raise DataError(f"{where}: message {i} is a {type(m).__name__}, not a {{role, content}} dict")
         if m.get("role") not in ROLES:
@@ -65,38 +70,22 @@ def check_messages(messages, where: str, thinking: bool = True) -> list:
 
 # ----------------------------------------------------------------------------- reading rows
 
-def _table_rows(files: list, split: str):
-    """The rows of local JSONL / JSON / Parquet files, streamed through `datasets` as hub datasets are."""
-    import datasets
-    kind = "parquet" if files[0].suffix == ".parquet" else "json"
-    return datasets.load_dataset(kind, data_files={split: [str(f) for f in files]}, split=split, streaming=True)
-
-
 def open_conversations(dataset: str, cfg) -> tuple:
     """-> (name, key, read): `key` identifies the content for the cache without reading it, and read() returns
-    (train rows, val rows or None), rows being dicts with "messages". The arithmetic set's val rows are
-    held-out problems, which also serve the answer accuracy."""
+    (train rows, val rows or None), rows being dicts with "messages", streamed from the source (sources.py).
+    The arithmetic set's val rows are held-out problems, which also serve the answer accuracy."""
     if dataset == ARITHMETIC:
         return ("arithmetic (built-in)", [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, cfg.seed],
                 lambda: (arithmetic.problems(ARITHMETIC_TRAIN, cfg.seed, held_out=False),
                          arithmetic.problems(ARITHMETIC_VAL, cfg.seed + 1, held_out=True)))
-    path = Path(dataset).expanduser()
-    if path.exists():
-        splits = _folder_splits(path) if path.is_dir() else {"train": [path]}
-        stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for fs in splits.values() for f in fs]
-        val = next((s for s in VAL_SPLITS if s in splits), None)
-        return path.name, stamps, lambda: (_table_rows(splits["train"], "train"),
-                                           _table_rows(splits[val], val) if val else None)
+    source = open_source(dataset, cfg)
 
-    def read_hub():
-        require_hub()
-        import datasets
-        splits = datasets.load_dataset(dataset, streaming=True)
-        train = "train" if "train" in splits else next(iter(splits))
-        val = next((s for s in VAL_SPLITS if s in splits and s != train), None)
-        return splits[train], splits[val] if val else None
+    def read():
+        train, val = source.splits()
+        return (source.iter_rows(train, ["messages"]),
+                source.iter_rows(val, ["messages"]) if val else None)
 
-    return dataset, ["hub", dataset], read_hub
+    return source.name, source.key, read
 
 
 def is_conversation_data(dataset: str, cfg) -> bool:
@@ -114,11 +103,10 @@ def is_conversation_data(dataset: str, cfg) -> bool:
     if not path.exists() and memo.exists():
         return memo.read_text() == "conversations"
     try:
-        train, _ = open_conversations(dataset, cfg)[2]()
-        found = "messages" in next(iter(train), {})
-    except HubUnreachable:
-        return False
-    except Exception:  # not a table we can read: the text path reports it in its own words
+        source = open_source(dataset, cfg)
+        with closing(source.iter_rows(source.splits()[0])) as rows:
+            found = "messages" in next(rows, {})
+    except (HubUnreachable, DataError, OSError):  # not a table we can read: the text path says so in its own words
         return False
     if not path.exists():
         memo.parent.mkdir(parents=True, exist_ok=True)
@@ -232,14 +220,16 @@ class ConversationData:
 
 
 def conversation_text(rows):
-    """The text of conversations (roles, contents, steps) as Docs pieces: what a char or BPE vocabulary for them
-    is built from (the chat tokens are added afterwards)."""
+    """The text of conversations (roles, contents, steps), one document of text pieces each: what a char or BPE
+    vocabulary for them is built from (the chat tokens are added afterwards)."""
     for messages in rows:
         yield iter(["\n".join(f"{m['role']}\n{m.get('thinking', '')}\n{m['content']}" for m in messages) + "\n"])
 
 
-def prepare_conversations(cfg, max_seq_len: int, get_tokenizer, rank: int = 0) -> ConversationData:
-    """Read, check, render and pack the conversations of cfg.dataset (see the module docstring).
+def prepare_conversations(cfg, max_seq_len: int, get_tokenizer, rank: int = 0,
+                          prepared_only: bool = False) -> ConversationData:
+    """Read, check, render and pack the conversations of cfg.dataset (see the module docstring); with
+    `prepared_only` (under torchrun) only read the cache, and stop at once (NotPrepared) if it misses.
 
     `get_tokenizer(source)` returns (tokenizer, description) for a sources.Source of the conversations' text
     (data.py resolves the spec: built, hub, local, or an --init_from model's); the chat format is added here."""
@@ -253,8 +243,8 @@ def prepare_conversations(cfg, max_seq_len: int, get_tokenizer, rank: int = 0) -
         return rows
 
     # what a char or BPE vocabulary for this data learns from (read only if that vocabulary is not cached yet)
-    source = Source(name, json.dumps([key, cfg.thinking]), lambda: (Docs(
-        "train", len(conversations()[0]), None, lambda a, b: conversation_text(conversations()[0][a:b])), None))
+    text = Shard(name, lambda skip: conversation_text(conversations()[0][skip:]), None)
+    source = Source(name, json.dumps([key, cfg.thinking]), lambda: ("train", None), lambda split: [text])
     tokenizer, tok_name = get_tokenizer(source)
     add_chat_format(tokenizer)
 
@@ -264,6 +254,8 @@ def prepare_conversations(cfg, max_seq_len: int, get_tokenizer, rank: int = 0) -
         [CACHE_VERSION, key, cfg.thinking, fingerprint.hexdigest(), window, cfg.max_tokens, cfg.val_fraction, cfg.seed]
     ).encode()).hexdigest()[:16])
     arrays = _load_packed(entry)
+    if arrays is None and prepared_only:
+        raise not_prepared(f"the packed conversations of {name}", cfg.cache_dir)
     if arrays is None:
         train, val, how = conversations()
         say(f"data: rendering and packing {len(train):,} + {len(val):,} conversations of {name}")

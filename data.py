@@ -4,50 +4,55 @@
     batches = BatchIterator(data.train_tokens, batch_size, seq_len, seed, rank, world_size, device)
     x, y = batches.next_batch()
 
+Prepare ahead (the same flags as run_train.py; a tqdm bar in tokens, resumable):
+
+    python data.py [--preset NAME] [--FIELD VALUE ...]
+
 This module owns the entry point (`prepare_data`, with its offline fallback for the hub
-defaults), which tokenizer a run uses and where it is cached, the token cache, the train/val
-split and the batch iterators. Where text comes from is sources.py; how tokenizers are built,
-loaded and applied is tokenizer.py.
+defaults), which tokenizer a run uses and where it is cached, the train/val split and the batch
+iterators. Where text comes from is sources.py; how tokenizers are built, loaded and applied is
+tokenizer.py; the token cache, streamed and resumable, is token_cache.py.
 
 Cache layout (`cache_dir`):
     tokenizers/<name>-<hash>/       built/trained tokenizers and copies of hub tokenizers
     tokens/<name>-<hash>.bin        flat token ids (uint16 or uint32): train part, then val part
     tokens/<name>-<hash>.json       metadata, written last: an entry without it is never used
-    hf/                             the `datasets` cache for hub and table files (sources.py)
+    tokens/<name>-<hash>.partial/   an unfinished entry and its progress record (token_cache.py)
+    hf/                             the `datasets` library's lock files (sources are streamed, never copied)
 A hub run that was cached once needs no network again; delete cache_dir to refresh.
 
-DDP: call prepare_data on rank 0, then torch.distributed.barrier(), then on the other
-ranks: they find everything in the cache. Building is deterministic and every write is
-atomic, so ranks that race (no barrier) each build the same files safely, just slower.
+torchrun: no rank tokenizes. Under a process group of more than one process, prepare_data only
+reads a cache that `python data.py` filled, and stops at once (NotPrepared, one line saying to run
+it) when the cache is not there: a rank that tokenized for hours would leave the others waiting on
+a collective past the process group's timeout. Ranks then read the same memmap; each draws its
+own windows (BatchIterator).
 """
 
 import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
-import re
+import shlex
 import shutil
+import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import atomic_write
+from common import world_info
 from config import TrainConfig
 from conversations import is_conversation_data, prepare_conversations
-from sources import SHAKESPEARE, DataError, HubUnreachable, looks_like_path, open_source, split_docs
+from sources import SHAKESPEARE, DataError, HubUnreachable, closing, looks_like_path, open_source, require_hub
+from token_cache import NotPrepared, cached_tokens, held_out, not_prepared, slug  # noqa: F401 (NotPrepared: for run_train)
 from tokenizer import build_tokenizer, decode, load_hub_tokenizer, load_tokenizer, parse_builtin, save_tokenizer, with_eos
 
 DEFAULT_DATASET = TrainConfig.dataset
 DEFAULT_TOKENIZER = TrainConfig.tokenizer
 TOKENIZER_TRAIN_CHARS = 50_000_000  # char/bpe vocabularies are built from at most this much text
-BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: peak memory ~+70 MB
-CACHE_VERSION = 2  # bump when the cache format or tokenization changes
 
 
 @dataclass
@@ -72,16 +77,15 @@ class Data:
 
 # ----------------------------------------------------------------------------- entry point
 
-def prepare_data(train_cfg, max_seq_len, rank=0, tokenizer=None):
+def prepare_data(train_cfg, max_seq_len, rank=0, progress=False, tokenizer=None):
     """Resolve the source and tokenizer, tokenize once into the cache, split train/val.
-    `rank` only silences the progress lines on ranks > 0 (see DDP in the module docstring).
+    `rank` only silences the progress lines on ranks > 0; `progress` draws a tqdm bar while tokenizing.
+    Under torchrun the cache must be prepared already (see the module docstring): NotPrepared if not.
     `tokenizer`: use this one (an --init_from model's) instead of train_cfg.tokenizer.
     Conversation data (`arithmetic`, or rows with a `messages` column) goes to conversations.py."""
-    dataset, spec = train_cfg.dataset, train_cfg.tokenizer
-    if tokenizer is not None:
-        spec = tokenizer
+    dataset, spec = train_cfg.dataset, train_cfg.tokenizer if tokenizer is None else tokenizer
     try:
-        return _prepare(dataset, spec, train_cfg, max_seq_len, rank)
+        return _prepare(dataset, spec, train_cfg, max_seq_len, rank, progress)
     except HubUnreachable as e:
         why = str(e)
     # only the defaults fall back: a hub id the user typed must not be silently swapped
@@ -93,19 +97,25 @@ def prepare_data(train_cfg, max_seq_len, rank=0, tokenizer=None):
     spec = "bpe" if spec == DEFAULT_TOKENIZER else spec
     if rank == 0:
         print(f"data: Hugging Face hub unreachable ({why}); falling back to dataset={dataset} tokenizer={spec}")
-    return _prepare(dataset, spec, train_cfg, max_seq_len, rank)
+    return _prepare(dataset, spec, train_cfg, max_seq_len, rank, progress)
 
 
-def _prepare(dataset, tok_spec, cfg, max_seq_len, rank):
+def _prepare(dataset, tok_spec, cfg, max_seq_len, rank, progress=False):
     if max_seq_len < 1:
         raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    window = max_seq_len + 1
+    if cfg.max_tokens and cfg.max_tokens < 2 * window:  # said before anything is read or written
+        raise DataError(f"max_tokens {cfg.max_tokens:,} cannot hold a training window and a validation window of "
+                        f"max_seq_len + 1 = {window:,} tokens each; use --max_tokens {2 * window:,} or more, or a "
+                        f"smaller max_seq_len")
     if is_conversation_data(dataset, cfg):
         cfg = dataclasses.replace(cfg, dataset=dataset)
-        return prepare_conversations(cfg, max_seq_len, lambda source: _get_tokenizer(tok_spec, source, cfg, rank), rank)
+        return prepare_conversations(cfg, max_seq_len, lambda source: _get_tokenizer(tok_spec, source, cfg, rank), rank,
+                                     _prepared_only())
     source = open_source(dataset, cfg)
     tokenizer, tok_name = _get_tokenizer(tok_spec, source, cfg, rank)
-    tokens, meta = _get_tokens(source, tokenizer, tok_name, cfg, rank)
-    train, val = _split(tokens, meta, max_seq_len + 1)
+    tokens, meta = cached_tokens(source, tokenizer, tok_name, cfg, rank, progress, _prepared_only())
+    train, val = _split(tokens, meta, window, cfg.val_fraction)
     val_source = _describe_validation(meta, cfg.val_fraction, len(val))
     if rank == 0:
         print(f"data: validation: {val_source}")
@@ -113,6 +123,11 @@ def _prepare(dataset, tok_spec, cfg, max_seq_len, rank):
     return Data(tokenizer=tokenizer, train_tokens=train, val_tokens=val, eos_id=eos, vocab_size=len(tokenizer),
                 source=f"{source.name} + {tok_name}", val_source=val_source,
                 sample_prompt="ROMEO:" if dataset == SHAKESPEARE else _prompt_from(tokenizer, tokens, len(train), eos))
+
+
+def _prepared_only():
+    """Under torchrun (a process group of more than one) no rank tokenizes: the cache must be there."""
+    return world_info()[1] > 1
 
 
 def _is_hub_id(kind, name):
@@ -137,21 +152,25 @@ def _get_tokenizer(spec, source, cfg, rank):
                         f"'char', 'bpe[:N]' or a hub id")
     if builtin is None:
         key, name = ["hub", spec], spec
-    else:  # trained on the training side of this source, so keyed by it
-        key = [spec, source.key, cfg.val_fraction, TOKENIZER_TRAIN_CHARS]
+    else:  # trained on the training side of this source, so keyed by it (and by how that side is chosen)
+        key = [spec, source.key, cfg.val_fraction, TOKENIZER_TRAIN_CHARS, "held out as they stream"]
         name = "char" if builtin[0] == "char" else f"bpe:{builtin[1]}"
-    folder = Path(cfg.cache_dir, "tokenizers", f"{_slug(name)}-{_hash(key)}")
+    folder = Path(cfg.cache_dir, "tokenizers", f"{slug(name)}-{_hash(key)}")
     if not (folder / "tokenizer.json").exists():
+        if _prepared_only():
+            if builtin is None or source.hub:
+                require_hub()  # unreachable: prepare_data falls back, as `python data.py` did
+            raise not_prepared(f"the {name} tokenizer for {source.name} and its tokens", cfg.cache_dir)
         if builtin is None:
             tokenizer = load_hub_tokenizer(spec)
         else:
             if rank == 0:
                 print(f"data: building the {name} tokenizer on {source.name}")
-            texts = _tokenizer_text(source, cfg.val_fraction)
-            first = next(texts, None)
-            if first is None:
-                raise DataError(f"{source.name} has no text to build the {name} tokenizer from; check the source")
-            tokenizer = build_tokenizer(*builtin, itertools.chain([first], texts))
+            with closing(_tokenizer_text(source, cfg.val_fraction)) as texts:
+                first = next(texts, None)
+                if first is None:
+                    raise DataError(f"{source.name} has no text to build the {name} tokenizer from; check the source")
+                tokenizer = build_tokenizer(*builtin, itertools.chain([first], texts))
         _save_atomic(tokenizer, folder)
     tokenizer = load_tokenizer(folder)
     if builtin and builtin[0] == "char":
@@ -163,15 +182,17 @@ def _get_tokenizer(spec, source, cfg, rank):
 
 
 def _tokenizer_text(source, val_fraction):
-    """The training side of the source, up to TOKENIZER_TRAIN_CHARS: what vocabularies come from.
-    For a single document, roughly its first 1 - val_fraction (its tail becomes validation)."""
-    train, val = source.load()
-    docs, _, how = split_docs(train, val, val_fraction)
+    """A bounded sample of the training side of the source, streamed: its first TOKENIZER_TRAIN_CHARS
+    characters, skipping the documents that validate (token_cache.held_out). For a single text, at
+    most its first 1 - val_fraction (its tail validates)."""
+    train, val = source.splits()
     budget = TOKENIZER_TRAIN_CHARS
-    if how["split"] == "tokens" and train.chars:
-        budget = min(budget, int(train.chars * (1 - val_fraction)))
-    for doc in docs:
-        for piece in doc:
+    if source.single_text and source.chars:
+        budget = min(budget, int(source.chars * (1 - val_fraction)))
+    for i, pieces in enumerate(source.documents(train)):
+        if val is None and not source.single_text and held_out(i, val_fraction):
+            continue
+        for piece in pieces:
             yield piece[:budget]
             budget -= len(piece)
             if budget <= 0:
@@ -184,131 +205,30 @@ def _save_atomic(tokenizer, folder):
     try:
         save_tokenizer(tokenizer, tmp)
         os.replace(tmp, folder)
-    except OSError:  # another rank got there first with the same files
+    except OSError:  # another process got there first with the same files
         if not (folder / "tokenizer.json").exists():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- token cache
-
-def _get_tokens(source, tokenizer, tok_name, cfg, rank):
-    """-> (read-only memmap of every token, metadata). Reuses a complete cache entry."""
-    fingerprint = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-    key = [CACHE_VERSION, source.key, fingerprint, tokenizer.eos_token_id, cfg.max_tokens, cfg.val_fraction]
-    stem = Path(cfg.cache_dir, "tokens", f"{_slug(source.name)}-{_slug(tok_name)}-{_hash(key)}")
-    bin_path, meta_path = stem.with_name(stem.name + ".bin"), stem.with_name(stem.name + ".json")
-    meta = _read_meta(bin_path, meta_path)
-    if meta is None:
-        meta = _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank)
-    return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), meta
-
-
-def _read_meta(bin_path, meta_path):
-    """The entry's metadata if the entry is complete, else None (then it is rebuilt)."""
-    try:
-        meta = json.loads(meta_path.read_text())
-        complete = bin_path.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
-    except (OSError, ValueError, KeyError):
-        return None
-    return meta if complete else None
-
-
-def _build_tokens(source, tokenizer, cfg, bin_path, meta_path, rank):
-    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
-    train, val = source.load()
-    train_docs, val_docs, how = split_docs(train, val, cfg.val_fraction)
-    # max_tokens caps the whole; a separate validation part gets its share of the cap
-    val_cap = math.ceil(cfg.max_tokens * cfg.val_fraction) if cfg.max_tokens and val_docs is not None else 0
-    if rank == 0:
-        print(f"data: tokenizing {source.name}")
-    start = time.time()
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write_bin(tmp):
-        with open(tmp, "wb") as f:
-            n_train = _write_tokens(f, tokenizer, train_docs, cfg.max_tokens - val_cap if cfg.max_tokens else 0, dtype)
-            n_val = _write_tokens(f, tokenizer, val_docs, val_cap, dtype) if val_docs is not None else 0
-        return n_train, n_val
-
-    n_train, n_val = atomic_write(bin_path, write_bin)
-    n_tokens = n_train + n_val
-    if n_tokens == 0:
-        raise DataError(f"{source.name} has no text (column {cfg.text_column!r}); check the source")
-    if how["split"] == "tokens":
-        n_train = round(n_tokens * (1 - cfg.val_fraction))
-    meta = dict(n_tokens=n_tokens, n_train=n_train, **how, dtype=np.dtype(dtype).name,
-                source=source.name, version=CACHE_VERSION)
-    # last: the meta file marks the cache entry complete
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    if rank == 0:
-        elapsed = time.time() - start
-        print(f"data: {n_tokens:,} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s), "
-              f"cached in {bin_path.parent}")
-    return meta
-
-
-def _write_tokens(f, tokenizer, docs, limit, dtype):
-    """Tokenize documents in batches of ~BATCH_CHARS (the fast tokenizer spreads a batch over
-    all cores), append EOS to each document, write as we go; stop at `limit` tokens (0 = all)."""
-    from tokenizers import Tokenizer
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: some hub tokenizer.json
-    backend.no_truncation()  # files truncate to a max_length, which would silently drop text here
-    backend.no_padding()
-    eos, n = tokenizer.eos_token_id, 0
-    for batch in _batches(docs):
-        ids = []
-        encodings = backend.encode_batch_fast([piece for piece, _ in batch], add_special_tokens=False)
-        for enc, (_, ends_doc) in zip(encodings, batch):
-            ids += enc.ids
-            if ends_doc:
-                ids.append(eos)
-        arr = np.array(ids[: limit - n] if limit else ids, dtype=dtype)
-        arr.tofile(f)
-        n += len(arr)
-        if limit and n >= limit:
-            break
-    return n
-
-
-def _batches(docs):
-    """(piece, ends_doc) pairs grouped into batches of about BATCH_CHARS characters."""
-    batch, size = [], 0
-    for doc in docs:
-        pieces = iter(doc)
-        piece = next(pieces, None)
-        while piece is not None:
-            following = next(pieces, None)
-            batch.append((piece, following is None))
-            size += len(piece)
-            if size >= BATCH_CHARS:
-                yield batch
-                batch, size = [], 0
-            piece = following
-    if batch:
-        yield batch
-
-
 def _hash(obj):
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:12]
 
 
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9]+", "-", text.split(" (")[0].split("/")[-1]).strip("-")[:40] or "x"
-
-
 # ----------------------------------------------------------------------------- split
 
-def _split(tokens, meta, window):
-    """Train and val as separate arrays, so no training window can reach validation tokens.
-    Without a split of its own, the source's val part grows if needed to hold one window."""
+def _split(tokens, meta, window, val_fraction):
+    """Train and val as separate arrays, so no training window can reach validation tokens. The val
+    part is the entry's tail (token_cache.py puts it there). Where it cannot hold one window (a single
+    text, or too few documents to hold any out) it becomes the last val_fraction of all tokens, and
+    at least one window: tokens cut from the end of training, never shared."""
     n, cut = len(tokens), meta["n_train"]
-    if meta["split"] != "own":
-        cut = min(cut, n - window)
-    elif n - cut < window:
+    if meta["split"] == "own" and n - cut < window:
         raise DataError(f"the validation split of {meta['source']} has {n - cut:,} tokens, fewer than one window "
                         f"(max_seq_len + 1 = {window}); use a smaller max_seq_len or a larger max_tokens")
+    if meta["split"] != "own" and n - cut < window:
+        cut = n - max(window, round(n * val_fraction))
     if cut < window:
         raise DataError(f"{meta['source']} is too short: {n:,} tokens cannot hold a training window and a validation "
                         f"window of max_seq_len + 1 = {window} tokens each; use more text, a smaller max_seq_len "
@@ -318,15 +238,18 @@ def _split(tokens, meta, window):
 
 def _describe_validation(meta, val_fraction, n_val):
     """Which text validates, in words, from a cache entry's metadata (so a reused entry says it too)."""
-    counts = f"{n_val:,} tokens"
-    if n_val > meta["n_tokens"] - meta["n_train"]:
-        counts += ", grown to hold one window"  # by _split
+    pct, counts, n, n_train = f"{val_fraction * 100:g}%", f"{n_val:,} tokens", meta["n_tokens"], meta["n_train"]
     if meta["split"] == "own":
-        n = meta["val_docs"]
-        return f"the source's own {meta['val_split']!r} split ({n:,} document{'s' * (n != 1)}, {counts})"
-    if meta["split"] == "docs":
-        return f"the last {val_fraction * 100:g}% of documents ({meta['val_docs']:,} of {meta['docs']:,}, {counts})"
-    return f"the last {val_fraction * 100:g}% of tokens of the single text ({counts})"
+        k = meta["val_docs"]
+        return f"the source's own {meta['val_split']!r} split ({k:,} document{'s' * (k != 1)}, {counts})"
+    if meta["split"] == "tokens":
+        grown = ", grown to hold one window" if n_val > n - n_train else ""
+        return f"the last {pct} of tokens of the single text ({counts}{grown})"
+    if n_val == n - n_train:
+        return f"{pct} of documents, held out as they stream ({meta['val_docs']:,} of {meta['docs']:,}, {counts})"
+    grown = ", grown to hold one window" if n_val > round(n * val_fraction) else ""
+    return (f"the last {pct} of tokens ({counts}{grown}): the documents held out as they stream "
+            f"({meta['val_docs']:,} of {meta['docs']:,}) could not fill a window")
 
 
 def _prompt_from(tokenizer, tokens, cut, eos):
@@ -392,3 +315,29 @@ def eval_batches(tokens, batch_size, seq_len, max_batches=None, device="cpu"):
     for i in range(0, len(index), batch_size):
         yield _to_device(tokens[index[i:i + batch_size, None] * seq_len + offsets], device)
 
+
+
+# ----------------------------------------------------------------------------- python data.py
+
+def main(argv=None):
+    """Fill the cache a run_train.py with the same flags uses: `python data.py [--preset NAME] [--FIELD VALUE ...]`."""
+    from config import parse_args
+    argv = sys.argv[1:] if argv is None else list(argv)
+    model_cfg, train_cfg, preset, *_ = parse_args(argv)
+    chosen = any(a == "--preset" or a.startswith("--preset=") for a in argv)
+    print(f"preset: {preset}" + ("" if chosen else " (this machine's default; pass the same --preset to run_train.py)"))
+    try:
+        d = prepare_data(train_cfg, model_cfg.max_seq_len, progress=True)
+    except DataError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the same command continues where this one stopped\n")
+        sys.exit(130)
+    flags = shlex.join(argv)
+    print(f"data: ready: {d.source}, {len(d.train_tokens):,} train / {len(d.val_tokens):,} val tokens in "
+          f"{train_cfg.cache_dir}; train with the same flags: python run_train.py {flags}")
+
+
+if __name__ == "__main__":
+    main()

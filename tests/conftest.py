@@ -102,3 +102,15 @@ def documents(d):
             docs.append(decode(d.tokenizer, ids[start:i]))
             start = i + 1
     return docs
+
+
+def stand_in_hub(monkeypatch, datasets_by_id):
+    """The hub answers, and hub dataset ids ({id: local folder}) resolve to local folders through the same
+    `datasets` builder and streaming code as a real hub id; any other id fails."""
+    import datasets
+    import sources
+    real_builder = datasets.load_dataset_builder
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(sources, "_probe_hub", lambda: "")
+    monkeypatch.setattr(datasets, "load_dataset_builder",
+                        lambda name, **kwargs: real_builder(str(datasets_by_id[name]), **kwargs))

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 import arithmetic
-from conftest import make_cfg, make_text
+from conftest import make_cfg, make_text, stand_in_hub
 from conversations import check_messages, pack
 from data import prepare_data
 from sources import DataError
@@ -144,19 +144,17 @@ def test_parquet_conversations(tmp_path):
 
 
 def test_hub_conversations_with_a_stand_in_hub_then_offline(tmp_path, monkeypatch):
-    """The hub path is the real one (datasets streaming); a local stand-in answers for the hub id."""
+    """The hub path is the real one (datasets streaming); a stand-in hub resolves the id to local files."""
     import datasets
-    import sources
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(12)]
-    path = write_jsonl(tmp_path / "hub.jsonl", rows)
-    real = datasets.load_dataset
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(sources, "_probe_hub", lambda: "")
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: real("json", data_files={"train": str(path)}, **kw)
-                        if name == "someone/chats" else 1 / 0)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    write_jsonl(hub / "train.jsonl", rows)
+    stand_in_hub(monkeypatch, {"someone/chats": hub})
     first = prepare_data(make_cfg(tmp_path, "someone/chats", val_fraction=0.25), max_seq_len=32)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a second run needs no network
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: 1 / 0)
     again = prepare_data(make_cfg(tmp_path, "someone/chats", val_fraction=0.25), max_seq_len=32)
     assert first.chat and again.chat and np.array_equal(first.train_tokens, again.train_tokens)
 

@@ -18,8 +18,9 @@ import torch
 
 import data
 import sources
+import token_cache
 from config import TrainConfig
-from conftest import documents, make_cfg, make_text, one_line_error
+from conftest import assert_one_line_error, documents, make_cfg, make_text, one_line_error, run_script, stand_in_hub
 from data import BatchIterator, DataError, eval_batches, prepare_data
 from tokenizer import decode, load_tokenizer, save_tokenizer
 
@@ -44,7 +45,7 @@ def test_chunked_tokenization_matches_and_respects_max_tokens(tmp_path, monkeypa
     (tmp_path / "a.txt").write_text(text)
     whole = prepare_data(make_cfg(tmp_path / "1", tmp_path / "a.txt"), max_seq_len=16)
     monkeypatch.setattr(sources, "PIECE_CHARS", 50)
-    monkeypatch.setattr(data, "BATCH_CHARS", 300)
+    monkeypatch.setattr(token_cache, "BATCH_CHARS", 300)
     long_line = "x" * 500 + "\n" + "y\n" * 100
     pieces = list(sources._pieces(long_line))
     assert "".join(pieces) == long_line and max(map(len, pieces)) <= 100
@@ -73,7 +74,7 @@ def test_cache_is_reused_without_tokenizing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenized although the cache was complete")
 
-    monkeypatch.setattr(data, "_write_tokens", fail)
+    monkeypatch.setattr(token_cache, "_build", fail)
     monkeypatch.setattr(data, "build_tokenizer", fail)
     start = time.perf_counter()
     second = prepare_data(cfg, max_seq_len=32)
@@ -94,8 +95,8 @@ def test_half_written_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     del first  # its memmap must not see the file being corrupted below
     (meta,) = (tmp_path / "cache" / "tokens").glob("*.json")
     calls = []
-    real = data._write_tokens
-    monkeypatch.setattr(data, "_write_tokens", lambda *a: calls.append(1) or real(*a))
+    real = token_cache._build
+    monkeypatch.setattr(token_cache, "_build", lambda *a: calls.append(1) or real(*a))
 
     meta.unlink()  # as if killed between writing the tokens and the metadata
     meta.with_suffix(".bin").write_bytes(b"\x01\x02\x03")
@@ -141,8 +142,8 @@ def test_too_short_validation_part_grows_to_one_window(tmp_path):
     rows = [{"text": f"doc {i} is short\n"} for i in range(60)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     d = prepare_data(make_cfg(tmp_path, tmp_path / "a.jsonl"), max_seq_len=64)
-    assert len(d.val_tokens) >= 65
-    assert d.val_source.endswith("grown to hold one window)"), d.val_source
+    assert len(d.val_tokens) == 65  # 1% of the 60 documents is none: the last 1% of tokens, grown to a window
+    assert d.val_source.startswith("the last 1% of tokens (65 tokens, grown to hold one window): "), d.val_source
 
 
 def test_validation_is_named_on_every_run(tmp_path, capsys):
@@ -154,7 +155,7 @@ def test_validation_is_named_on_every_run(tmp_path, capsys):
         (corpus / f"part{i}.txt").write_text(make_text(100, seed=i))
     (tmp_path / "a.txt").write_text(make_text(300))
     cases = [(own, 0.01, "the source's own 'validation' split (1 document, {:,} tokens)"),
-             (corpus, 0.25, "the last 25% of documents (1 of 4, {:,} tokens)"),
+             (corpus, 0.25, "25% of documents, held out as they stream (1 of 4, {:,} tokens)"),
              (tmp_path / "a.txt", 0.1, "the last 10% of tokens of the single text ({:,} tokens)")]
     for dataset, val_fraction, expected in cases:
         for run in ("built", "cached"):  # a reused cache entry says it too
@@ -232,24 +233,28 @@ def test_non_default_hub_ids_offline_are_errors(tmp_path, capsys):
 
 
 def test_hub_ids_with_a_stand_in_hub_then_offline_from_cache(tmp_path, monkeypatch):
+    """A hub id goes through the same `datasets` streaming code as a local folder: the stand-in hub
+    resolves the id to a folder of JSONL files; the tokens then come from the cache, offline."""
     import datasets
     import transformers
     (tmp_path / "a.txt").write_text(make_text(300))
     save_tokenizer(prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300"), 16).tokenizer, tmp_path / "tok")
     train, test = [make_text(5, seed=i) for i in range(30)], [make_text(5, seed=100 + i) for i in range(4)]
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
-                                   "test": datasets.Dataset.from_dict({"text": test})})
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    (hub / "test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in test))
     real_from_pretrained = transformers.AutoTokenizer.from_pretrained
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(sources, "_probe_hub", lambda: "")  # the hub answers
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kwargs: splits if name == "someone/ds" else 1 / 0)
+    stand_in_hub(monkeypatch, {"someone/ds": hub})
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kwargs: real_from_pretrained(
         str(tmp_path / "tok") if name == "someone/tok" else name, **kwargs))
     cfg = make_cfg(tmp_path, "someone/ds", "someone/tok")
     d = prepare_data(cfg, max_seq_len=16)
     assert d.source == "someone/ds + someone/tok"
     assert documents(d) == train + test and decode(d.tokenizer, d.val_tokens) == "".join(test)
+    assert d.val_source.startswith("the source's own 'test' split (4 documents, ")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a second run needs no network at all
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: 1 / 0)
     again = prepare_data(cfg, max_seq_len=16)
     np.testing.assert_array_equal(again.val_tokens, d.val_tokens)
 
@@ -293,3 +298,38 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     with pytest.raises(DataError) as e:
         load_tokenizer(tmp_path / "nowhere")
     one_line_error(e, "nowhere")
+
+
+def test_under_torchrun_a_rank_only_reads_a_prepared_cache(tmp_path, monkeypatch):
+    """In a process group of more than one, a missing tokenizer or token entry stops at once with the
+    command that prepares it, and nothing is written; a prepared cache is read as usual."""
+    (tmp_path / "a.txt").write_text(make_text(300))
+    cfg, cache = make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300", max_tokens=3000), str((tmp_path / "cache").resolve())
+
+    def as_rank(rank, world):
+        monkeypatch.setattr(data, "world_info", lambda: (rank, world))
+
+    as_rank(1, 2)
+    with pytest.raises(data.NotPrepared) as e:
+        prepare_data(cfg, max_seq_len=16)
+    one_line_error(e, "the bpe:300 tokenizer", "are not in " + cache, "python data.py")
+    assert not (tmp_path / "cache").exists()
+    as_rank(0, 1)
+    prepare_data(make_cfg(tmp_path, tmp_path / "a.txt", "bpe:300", max_tokens=2000), max_seq_len=16)  # another cap
+    as_rank(1, 2)
+    with pytest.raises(data.NotPrepared) as e:  # the tokenizer is there, not these tokens
+        prepare_data(cfg, max_seq_len=16)
+    one_line_error(e, "the tokens of a.txt (1 file) + bpe:300", "are not in " + cache, "python data.py")
+    assert len(list((tmp_path / "cache").rglob("*.bin"))) == 1
+    as_rank(0, 1)
+    prepared = prepare_data(cfg, max_seq_len=16)
+    as_rank(1, 2)
+    np.testing.assert_array_equal(prepare_data(cfg, max_seq_len=16).train_tokens, prepared.train_tokens)
+
+
+def test_data_py_reports_bad_input_in_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "a.txt").write_text(make_text(300))
+    proc = run_script("data.py", "--dataset", tmp_path / "a.txt", "--tokenizer", "char", "--max_tokens", 100,
+                      "--max_seq_len", 64, "--cache_dir", tmp_path / "cache", timeout=120)
+    assert_one_line_error(proc, "max_tokens 100", "--max_tokens 130")
+    assert not (tmp_path / "cache").exists()

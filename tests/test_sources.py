@@ -31,7 +31,7 @@ def test_folder_of_txt_files_bpe(tmp_path):
     d = prepare_data(make_cfg(tmp_path, folder, "bpe:300", val_fraction=0.25), max_seq_len=32)
     assert d.source == "corpus (4 files) + bpe:300" and d.vocab_size <= 300
     assert documents(d) == texts  # one document per file, each ending with EOS
-    assert decode(d.tokenizer, d.val_tokens) == texts[-1]  # the last val_fraction of the documents
+    assert decode(d.tokenizer, d.val_tokens) == texts[-1]  # one in four documents: the 4th
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
@@ -46,9 +46,12 @@ def test_table_files(tmp_path, suffix):
         pd.DataFrame(rows).to_parquet(path)
     else:
         pd.DataFrame(rows).to_csv(path, index=False)
-    d = prepare_data(make_cfg(tmp_path, path, val_fraction=0.1), max_seq_len=16)
-    assert documents(d) == [r["text"] for r in rows]
-    assert decode(d.tokenizer, d.val_tokens) == "".join(r["text"] for r in rows[45:])  # last 5 rows
+    # byte-level: the digit 9 is only in held-out rows, so a char vocabulary would not know it
+    d = prepare_data(make_cfg(tmp_path, path, "bpe:300", val_fraction=0.1), max_seq_len=16)
+    held_out = rows[9::10]  # one in ten documents, the 10th, 20th, ... as they stream
+    assert documents(d) == [r["text"] for r in rows if r not in held_out] + [r["text"] for r in held_out]
+    assert decode(d.tokenizer, d.val_tokens) == "".join(r["text"] for r in held_out)
+    assert d.val_source.startswith("10% of documents, held out as they stream (5 of 50, ")
 
 
 def test_own_validation_split_and_text_column(tmp_path):
@@ -96,3 +99,32 @@ def test_table_files_print_no_progress_bars(tmp_path, capfd):
     for bar in ("Generating train split", "Map", "examples/s", "it/s", "%|"):
         assert bar not in out + err, out + err
     assert not err.strip() and all(line.startswith("data: ") for line in out.splitlines()), out + err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_iter_rows_streams_the_rows_of_a_split(tmp_path, suffix):
+    """The public row stream (what conversation data reads): rows as dicts, file by file, per split."""
+    folder = tmp_path / "chats"
+    folder.mkdir()
+
+    def chat(i):
+        return {"id": i, "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+
+    parts = {"train-00000": [chat(i) for i in range(3)], "train-00001": [chat(i) for i in range(3, 5)],
+             "validation": [chat(9)]}
+    for name, rows in parts.items():
+        path = folder / f"{name}{suffix}"
+        if suffix == ".jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            pd.DataFrame(rows).to_parquet(path)
+    cfg = make_cfg(tmp_path, folder)
+    source = sources.open_source(str(folder), cfg)
+    assert source.splits() == ("train", "validation")
+    assert list(source.iter_rows("train", columns=["messages"])) == \
+        [{"messages": r["messages"]} for r in parts["train-00000"] + parts["train-00001"]]
+    assert list(sources.iter_rows(str(folder), cfg, "validation")) == parts["validation"]
+    with pytest.raises(sources.DataError) as e:
+        list(source.iter_rows("train", columns=["conversation"]))
+    assert "no column 'conversation'" in str(e.value) and f"train-00000{suffix}" in str(e.value)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix == ".arrow"]  # streamed, not converted

@@ -103,14 +103,31 @@ def test_time_budget_ends_on_time_with_decay_done(tmp_path, cache_dir):
     assert wall < budget + 60
 
 
-def test_torchrun_two_processes_keep_identical_weights(tmp_path, cache_dir):
+def test_torchrun_stops_unprepared_then_trains_on_what_data_py_prepared(tmp_path):
+    """Under torchrun no rank tokenizes: an unprepared cache stops every rank at once, with one line naming
+    the command that prepares it; `python data.py` with the same flags fills the cache, and the two ranks
+    then train on it without tokenizing again and keep identical weights."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", "12",
-                           "--eval_every", "6", "--save_every", "6", "--out_dir", str(tmp_path / "out"),
-                           "--cache_dir", str(cache_dir)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    args = [*TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", "12", "--eval_every", "6", "--save_every", "6",
+            "--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+
+    def torchrun():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "run_train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    start = time.time()
+    proc = torchrun()
+    assert proc.returncode != 0 and time.time() - start < 60, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"python data.py {' '.join(args)}" in errors[0], proc.stderr
+    assert not list((tmp_path / "cache").rglob("*.bin")) and not (tmp_path / "out").exists()
+
+    prepared = run_script("data.py", *args)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "data: tokenizing" in prepared.stdout and "tokenize: 100%" in prepared.stderr  # the bar, in tokens
+    proc = torchrun()
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "data: tokenizing" not in proc.stdout and "data: building" not in proc.stdout
     assert "weights identical on all 2 ranks" in proc.stdout
     assert "2 processes" in proc.stdout
     assert proc.stdout.count("final (step 12") == 1  # only rank 0 prints
