@@ -304,7 +304,7 @@ def make_configs(preset: str | None = None, **overrides) -> tuple:
     return model_cfg, train_cfg
 
 
-def parse_args(argv=None) -> tuple:
+def parse_args(argv=None, description: str = "Train a Blueberry language model.") -> tuple:
     """CLI -> (ModelConfig, TrainConfig, preset name, the fields given on the command line: {name: value}, with
     "preset" among them when it was given). Bad input exits with one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -313,7 +313,8 @@ def parse_args(argv=None) -> tuple:
     known, _ = first.parse_known_args(argv)
     default = default_preset()
     preset = known.preset or default
-    given = {k: v for k, v in vars(build_parser(preset, default).parse_args(argv)).items() if v is not None}
+    parser = build_parser(preset, default, description)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
         model_cfg, train_cfg = make_configs(preset, **{k: v for k, v in given.items() if k != "preset"})
     except ValueError as e:

@@ -323,8 +323,9 @@ def main(argv=None):
     """Fill the cache a run_train.py with the same flags uses: `python data.py [--preset NAME] [--FIELD VALUE ...]`."""
     from config import parse_args
     argv = sys.argv[1:] if argv is None else list(argv)
-    model_cfg, train_cfg, preset, *_ = parse_args(argv)
-    chosen = any(a == "--preset" or a.startswith("--preset=") for a in argv)
+    model_cfg, train_cfg, preset, given = parse_args(argv, "Prepare the token cache that run_train.py with the same "
+                                                          "flags will use (tokenize ahead of training).")
+    chosen = "preset" in given
     print(f"preset: {preset}" + ("" if chosen else " (this machine's default; pass the same --preset to run_train.py)"))
     try:
         d = prepare_data(train_cfg, model_cfg.max_seq_len, progress=True)
