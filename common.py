@@ -78,6 +78,19 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
+def batch_to_device(windows, device, mask=None) -> tuple:
+    """(B, T+1) token windows (a NumPy array) -> inputs x and targets y, int64 on `device`, through pinned
+    memory and a non-blocking copy on CUDA. With a loss `mask` (B, T+1; bool), y is -100 where the target
+    is not one to learn (on conversations: what the assistant did not write)."""
+    w = torch.from_numpy(windows.astype("int64"))
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    if mask is not None:
+        y.masked_fill_(~torch.from_numpy(mask[:, 1:]), -100)
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
 # ----------------------------------------------------------------------------- processes
 
 def setup_distributed() -> tuple:

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import arithmetic
-from common import atomic_write
+from common import atomic_write, batch_to_device
 from sources import SHAKESPEARE, DataError, HubUnreachable, Shard, Source, closing, looks_like_path, open_source
 from token_cache import not_prepared
 from tokenizer import IM_END, add_chat_format, render_conversation, render_prompt, split_reply
@@ -160,13 +159,6 @@ def pack(tokenizer, conversations, window: int, max_tokens: int = 0) -> tuple:
     return tokens, loss_mask, counts
 
 
-def _to_device(tokens, mask, device):
-    """Windows -> x, y int64 on device; y is -100 where the target is not the assistant's."""
-    w = torch.from_numpy(tokens.astype(np.int64))
-    y = w[:, 1:].masked_fill(~torch.from_numpy(mask[:, 1:]), -100)
-    return w[:, :-1].contiguous().to(device), y.contiguous().to(device)
-
-
 class WindowBatches:
     """Random packed windows, batch k of rank r drawn with a generator seeded with (seed, r, k): the same
     contract as data.BatchIterator (its state is the step counter)."""
@@ -179,7 +171,7 @@ class WindowBatches:
         rng = np.random.default_rng([self.seed, self.rank, self.step])
         rows = rng.integers(0, len(self.tokens), size=self.batch_size)
         self.step += 1
-        return _to_device(self.tokens[rows], self.mask[rows], self.device)
+        return batch_to_device(self.tokens[rows], self.device, self.mask[rows])
 
     def state_dict(self):
         return {"seed": self.seed, "step": self.step}
@@ -192,7 +184,7 @@ def eval_windows(tokens, mask, batch_size, max_batches=None, device="cpu"):
     """Validation windows in order: all of them, or the first max_batches * batch_size."""
     n = len(tokens) if max_batches is None else min(len(tokens), max_batches * batch_size)
     for i in range(0, n, batch_size):
-        yield _to_device(tokens[i:i + batch_size], mask[i:i + batch_size], device)
+        yield batch_to_device(tokens[i:i + batch_size], device, mask[i:i + batch_size])
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -41,9 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from common import world_info
+from common import batch_to_device, world_info
 from config import TrainConfig
 from conversations import is_conversation_data, prepare_conversations
 from sources import SHAKESPEARE, DataError, HubUnreachable, closing, looks_like_path, open_source, require_hub
@@ -262,16 +261,6 @@ def _prompt_from(tokenizer, tokens, cut, eos):
 
 # ----------------------------------------------------------------------------- batches
 
-def _to_device(windows, device):
-    """(B, T+1) windows -> x, y int64 on device; pinned memory + non-blocking copy on CUDA."""
-    w = torch.from_numpy(windows.astype(np.int64))
-    if torch.device(device).type == "cuda":
-        w = w.pin_memory().to(device, non_blocking=True)
-    else:
-        w = w.to(device)
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-
 class BatchIterator:
     """Random windows of seq_len + 1 tokens (x = w[:-1], y = w[1:]).
 
@@ -294,7 +283,7 @@ class BatchIterator:
         rng = np.random.default_rng([self.seed, self.rank, self.step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         self.step += 1
-        return _to_device(self.tokens[starts[:, None] + self.offsets], self.device)
+        return batch_to_device(self.tokens[starts[:, None] + self.offsets], self.device)
 
     def state_dict(self):
         return {"seed": self.seed, "step": self.step}
@@ -313,7 +302,7 @@ def eval_batches(tokens, batch_size, seq_len, max_batches=None, device="cpu"):
         index = np.arange(k) * n_windows // k
     offsets = np.arange(seq_len + 1)
     for i in range(0, len(index), batch_size):
-        yield _to_device(tokens[index[i:i + batch_size, None] * seq_len + offsets], device)
+        yield batch_to_device(tokens[index[i:i + batch_size, None] * seq_len + offsets], device)
 
 
 

@@ -72,7 +72,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss = ((lse - target_logits) * valid).sum() / valid.sum()
         ctx.save_for_backward(x, weight, logits, lse, targets)
         ctx.mark_non_differentiable(logits)
-        ctx.input_dtype = x.dtype
         return logits, loss
 
     @staticmethod
