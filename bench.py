@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_len", type=int, default=16, help="batch 1: prompt length")
     p.add_argument("--batch", type=int, default=16, help="batched: prompts of 8 to 40 tokens")
     p.add_argument("--batch_new_tokens", type=int, default=64, help="batched: greedy tokens per prompt")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and compute, both sides")
     for name, fn, help in (("train", cmd_train, "validation loss vs wall-clock time, Blueberry vs Llama + AdamW"),
                            ("ablate", cmd_ablate, "each feature off in turn at equal time")):
         p = add(name, fn, help, rounds=1, warmup=0, tiny=False)

@@ -63,9 +63,9 @@ def sample_next(logits, temperature: float = 0.8, top_k: int | None = 50, top_p:
     temperature 0 is greedy. top_k keeps the k most likely tokens (0/None: all); top_p then keeps the
     smallest set of those whose probability reaches top_p (nucleus; 1/None: all).
     """
+    logits = logits.float()  # also for argmax, which is several times slower over bf16 on a CPU
     if temperature <= 0 or top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
     nucleus = top_p is not None and top_p < 1.0
     if top_k and top_k < logits.size(-1):
         logits, indices = torch.topk(logits, top_k)  # sorted, so top_p needs no sort of the vocabulary
