@@ -8,6 +8,7 @@ together (`inference.generate_batch` against `generate()` with left padding and 
 import torch
 
 from benchmarks.common import TINY, alternate, hf_llama, llama_peer_config, machine, print_table, ratio, verdict
+from common import pick_dtype
 from config import ModelConfig
 from model import Blueberry
 
@@ -45,7 +46,7 @@ def cmd_generate(args):
     new = 8 if args.tiny else args.new_tokens
     full, plain = random_decoder(cfg, 0), random_decoder(llama_peer_config(cfg), 0)
     llama = hf_llama(plain)  # the same weights as `plain`: the same function
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = pick_dtype(args.dtype, torch.device("cpu"))
     full, plain, llama = full.to(dtype), plain.to(dtype), llama.to(dtype)
     # Neither side has an end-of-sequence token, so both decode exactly the tokens asked for. (Asking HF for
     # them with min_new_tokens instead would add a logits processor over the whole vocabulary to its every step.)
