@@ -362,8 +362,8 @@ def main():
     except data.NotPrepared as e:  # torchrun: every rank finds it; each node's first rank says it, once
         if os.environ.get("LOCAL_RANK", "0") == "0":
             sys.stderr.write(f"error: {e}\n")
-        else:  # torchrun stops the other ranks when that one exits; exiting first could cut its line off
-            time.sleep(10)
+        else:  # torchrun stops this rank when that one exits: exiting first could cut its line off, however late
+            time.sleep(300)  # it comes; bounded for launchers that would not stop this rank
         sys.exit(1)
     except (TrainError, data.DataError, checkpoint.CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
