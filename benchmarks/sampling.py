@@ -98,8 +98,8 @@ def cmd_generate(args):
     rows = [(name, f"{count * new_b / t.median:,.1f}", f"{t.spread:.0%}", f"{ratio(timing, hf_name, name):.2f}x")
             for name, t in timing.items()]
     print_table(f"batch of {count} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new_b} greedy "
-                f"tokens each, {args.dtype}, median of {args.rounds} alternating rounds (Llama-equivalent and HF agree on "
-                f"{same} of {count} rows)", ["decoder", "tokens/s", "spread", "vs HF generate"], rows)
+                f"tokens each, {args.dtype}, median of {args.rounds} alternating rounds (Llama-equivalent and HF "
+                f"agree on {same} of {count} rows)", ["decoder", "tokens/s", "spread", "vs HF generate"], rows)
     verdicts.append((f"batch of {count}, {ours_name}", ratio(timing, hf_name, ours_name)))
     for name, r in verdicts:  # the goal is set in fp32
         goal = f" (goal >= {GOAL}x: {verdict(r >= GOAL)})" if args.dtype == "fp32" else ""

@@ -25,3 +25,11 @@ def test_generate_tiny_measures_batch_one_and_batched():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("x HF generate (goal >= 1.2x") == 2  # batch 1 and batched
     assert "agree on 4 of 4 rows" in proc.stdout  # the Llama-equivalent model decodes what HF's Llama decodes
+
+
+def test_generate_tiny_in_bf16_gives_ratios_without_the_fp32_goal():
+    proc = run_script("bench.py", "generate", "--tiny", "--dtype", "bf16", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("all features, bf16: ") == 2 and "goal" not in proc.stdout
+    bad = run_script("bench.py", "generate", "--dtype", "fp8", timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
