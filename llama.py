@@ -81,12 +81,12 @@ def to_llama_state_dict(model) -> dict:
     unsupported = model.cfg.non_llama_features()
     if unsupported:
         raise ValueError(f"Llama has no equivalent for {', '.join(unsupported)}; switch it off first")
-    params = dict(model.named_parameters())
+    params, splits = dict(model.named_parameters()), model.muon_splits()
     sd = {}
     for name, llama_names in llama_weight_names(model.cfg).items():
         weight = params[name].detach()
         # a fused weight splits into its projections where Muon splits it: (q, k, v) or (gate, up)
-        sd.update(zip(llama_names, weight.split(getattr(params[name], "muon_split", weight.size(0)))))
+        sd.update(zip(llama_names, weight.split(splits.get(name, weight.size(0)))))
     return {name: t.clone().contiguous() for name, t in sd.items()}
 
 

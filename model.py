@@ -152,10 +152,9 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         # One fused projection for q, k, v and (G1) the output gate: the gate is computed from the
         # same normalized input as q, one sigmoid per head and channel. Muon orthogonalizes each
-        # projection separately (muon_split).
+        # projection separately (Blueberry.muon_splits).
         self.split = (q_dim, kv_dim, kv_dim) + ((q_dim,) if cfg.attn_gate else ())
         self.qkv = nn.Linear(cfg.d_model, sum(self.split), bias=False)
-        self.qkv.weight.muon_split = self.split
         self.attn_gate = cfg.attn_gate
         self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -194,8 +193,8 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
+        self.hidden = hidden
         self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.w_in.weight.muon_split = (hidden, hidden)
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
@@ -318,6 +317,15 @@ class Blueberry(nn.Module):
         if self.lm_head is not None:
             self.lm_head.out_features = vocab_size
         self.cfg = dataclasses.replace(self.cfg, vocab_size=vocab_size)
+
+    def muon_splits(self) -> dict:
+        """The weights that fuse several projections: parameter name -> their row counts, in order. Muon
+        orthogonalizes each projection on its own, and llama.py splits them into Llama's separate weights."""
+        splits = {}
+        for i, block in enumerate(self.blocks):
+            splits[f"blocks.{i}.attn.qkv.weight"] = block.attn.split
+            splits[f"blocks.{i}.mlp.w_in.weight"] = (block.mlp.hidden, block.mlp.hidden)
+        return splits
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the matmuls (embedding lookups excluded) + attention scores,

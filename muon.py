@@ -7,9 +7,9 @@ settings it takes the same steps as `torch.optim.Muon`, and adds:
 
 - speed: same-shape matrices are orthogonalized together, in one batched call; wide ones
   iterate on their small Gram side (rows x rows), and tall ones are never transposed;
-- fused weights: a parameter with a `muon_split` attribute (row counts summing to
-  size(0), e.g. the fused QKV weight) is orthogonalized per projection, as if each
-  projection were its own parameter;
+- fused weights: a parameter given row counts in `splits` (summing to size(0), e.g. the
+  fused QKV weight; the model names them, Blueberry.muon_splits) is orthogonalized per
+  projection, as if each projection were its own parameter;
 - distribution: under torch.distributed each rank orthogonalizes its share of the
   matrices and the results are all-gathered, so every rank takes the same step.
 """
@@ -25,7 +25,6 @@ from common import native_bf16, world_info
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic that maximizes the slope at zero (Keller Jordan)
 NS_EPS = 1e-7  # floor of the Frobenius norm, as in torch.optim.Muon
 ADJUST_LR = ("original", "match_rms_adamw")
-MOMENTUM_WARMUP_START = 0.85
 GRAM_RESTART = 3  # steps of the rows x rows iteration between recomputations of X X^T
 
 # torch 2.10+ renamed all_gather_into_tensor (and warns on the old name); older torch has only the old one.
@@ -157,7 +156,7 @@ def adjusted_lr(lr: float, rows: int, cols: int, adjust_lr: str) -> float:
     return lr * 0.2 * math.sqrt(max(rows, cols))  # Moonshot: match AdamW's update RMS (~0.2)
 
 
-def _check_matrix(p: torch.Tensor) -> None:
+def _check_matrix(p: torch.Tensor, split) -> None:
     """Refuse, at construction, what step() could not orthogonalize."""
     shape = tuple(p.shape)
     if p.layout != torch.strided:
@@ -167,9 +166,8 @@ def _check_matrix(p: torch.Tensor) -> None:
         raise ValueError(f"Muon needs a real floating-point parameter, got a {kind} one (shape {shape})")
     if p.ndim != 2:
         raise ValueError(f"Muon only optimizes 2-D matrices, got a parameter of shape {shape}; give it to AdamW")
-    split = getattr(p, "muon_split", None)
     if split is not None and (not all(isinstance(n, int) and n > 0 for n in split) or sum(split) != p.size(0)):
-        raise ValueError(f"muon_split {split!r} must be positive row counts summing to size(0)={p.size(0)}")
+        raise ValueError(f"split {split!r} must be positive row counts summing to size(0)={p.size(0)}")
 
 
 class Muon(torch.optim.Optimizer):
@@ -177,14 +175,15 @@ class Muon(torch.optim.Optimizer):
 
     Per step and parameter (as torch.optim.Muon): buf = lerp(buf, grad, 1 - momentum);
     update = lerp(grad, buf, momentum) with nesterov, else buf; p *= 1 - lr * weight_decay;
-    p -= adjusted_lr(lr, piece shape) * NS(update piece) for each `muon_split` piece (the
-    whole matrix when there is no such attribute). `ns_dtype` picks the Newton-Schulz
+    p -= adjusted_lr(lr, piece shape) * NS(update piece) for each piece `splits` gives the
+    parameter ({parameter: row counts}; the whole matrix when it has none). `ns_dtype` picks the Newton-Schulz
     precision (default: default_ns_dtype of the parameters' device). Under torch.distributed,
     gradients must already be averaged (DDP does that); every rank then takes the same step.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, adjust_lr: str = "original", ns_dtype: torch.dtype | None = None):
+                 weight_decay: float = 0.0, adjust_lr: str = "original", ns_dtype: torch.dtype | None = None,
+                 splits: dict | None = None):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -196,6 +195,7 @@ class Muon(torch.optim.Optimizer):
         if adjust_lr not in ADJUST_LR:
             raise ValueError(f"adjust_lr must be one of {ADJUST_LR}, got {adjust_lr!r}")
         self.ns_dtype = ns_dtype
+        self.splits = {id(p): tuple(rows) for p, rows in (splits or {}).items()}  # by identity: tensors' == is elementwise
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr)
         super().__init__(params, defaults)
@@ -205,7 +205,7 @@ class Muon(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
             if isinstance(p, torch.Tensor):  # anything else: the base class raises its TypeError
-                _check_matrix(p)
+                _check_matrix(p, self.splits.get(id(p)))
         super().add_param_group({**param_group, "params": params})
 
     @torch.no_grad()
@@ -230,7 +230,8 @@ class Muon(torch.optim.Optimizer):
         # Every rank keeps every buffer: gradients are already averaged, and the state must match everywhere.
         torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
         # Each ortho group's outputs arrive (all-gathered under torch.distributed) while the next is computed.
-        pending = [self._orthogonalize(pieces, group) for pieces in _same_shape_pieces(params, bufs).values()]
+        pieces = _same_shape_pieces(params, bufs, self.splits)
+        pending = [self._orthogonalize(same_shape, group) for same_shape in pieces.values()]
         if wd > 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         for pieces, ortho, work in pending:
@@ -284,7 +285,7 @@ class Muon(torch.optim.Optimizer):
 
 
 class _Piece:
-    """A row block of one parameter (the whole matrix without `muon_split`) and its views."""
+    """A row block of one parameter (the whole matrix when it has no split) and its views."""
 
     def __init__(self, param: torch.Tensor, buf: torch.Tensor, start: int, length: int):
         self.param = param
@@ -294,31 +295,16 @@ class _Piece:
         self.shape = (length, param.size(1))
 
 
-def _same_shape_pieces(params: list, bufs: list) -> dict:
+def _same_shape_pieces(params: list, bufs: list, splits: dict) -> dict:
     """Pieces grouped by shape: each group is orthogonalized in one batched call."""
     groups = defaultdict(list)
     for p, buf in zip(params, bufs):
         start = 0
-        for length in getattr(p, "muon_split", None) or (p.size(0),):
+        for length in splits.get(id(p)) or (p.size(0),):
             piece = _Piece(p, buf, start, length)
             groups[(piece.shape, p.device, p.dtype)].append(piece)
             start += length
     return groups
-
-
-def set_muon_momentum(optimizers: list, step: int, train_cfg) -> float:
-    """Momentum warmup: 0.85 -> train_cfg.muon_momentum over muon_momentum_warmup_steps; returns the value.
-
-    A lower momentum early averages over fewer steps while the gradients still change fast.
-    """
-    warmup = train_cfg.muon_momentum_warmup_steps
-    frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
-    momentum = MOMENTUM_WARMUP_START + frac * (train_cfg.muon_momentum - MOMENTUM_WARMUP_START)
-    for opt in optimizers:
-        if isinstance(opt, Muon):
-            for group in opt.param_groups:
-                group["momentum"] = momentum
-    return momentum
 
 
 def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
@@ -330,8 +316,10 @@ def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
     norm gains and biases only pulls them off their useful values. Each group records its
     base lr as "initial_lr" so the loop can apply a schedule: g["lr"] = g["initial_lr"] * mult.
     """
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() visits a shared tensor once
+    named = dict(model.named_parameters())  # visits a shared (tied) tensor once
+    params = [p for p in named.values() if p.requires_grad]
     in_blocks = {id(p) for p in model.blocks.parameters()}
+    splits = {named[name]: rows for name, rows in model.muon_splits().items()} if hasattr(model, "muon_splits") else {}
     use_muon = train_cfg.optimizer == "muon"
     hidden = [p for p in params if use_muon and p.ndim == 2 and id(p) in in_blocks]
     hidden_ids = {id(p) for p in hidden}
@@ -341,7 +329,8 @@ def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
     optimizers = []
     if hidden:
         optimizers.append(Muon(hidden, lr=train_cfg.muon_lr, momentum=train_cfg.muon_momentum,
-                               weight_decay=train_cfg.muon_weight_decay))
+                               weight_decay=train_cfg.muon_weight_decay,
+                               splits={p: rows for p, rows in splits.items() if id(p) in hidden_ids}))
     if rest:
         optimizers.append(torch.optim.AdamW([g for g in groups if g["params"]], lr=train_cfg.adamw_lr,
                                             betas=(train_cfg.adamw_beta1, train_cfg.adamw_beta2),
@@ -350,25 +339,3 @@ def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
-
-
-def optimizer_step(params, optimizers: list, scaler, grad_clip: float):
-    """Unscale (fp16), clip the global grad norm (0 = off), step every optimizer, clear grads.
-    Returns the grad norm before clipping."""
-    for opt in optimizers:
-        scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    for opt in optimizers:
-        scaler.step(opt)
-    scaler.update()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def set_lr_scale(optimizers: list, scale: float) -> dict:
-    """Every group's lr = its base lr x `scale` (the schedule); returns the lrs now in use, by optimizer."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * scale
-    return {f"{type(opt).__name__.lower()}_lr": opt.param_groups[0]["lr"] for opt in optimizers}

@@ -61,24 +61,31 @@ def cmd_model(args):
 # ----------------------------------------------------------------------------- muon
 
 def hidden_matrices(cfg: ModelConfig) -> list:
-    """(shape, muon_split) of every matrix Muon optimizes in a Blueberry of cfg."""
-    return [(tuple(p.shape), getattr(p, "muon_split", None)) for p in Blueberry(cfg).blocks.parameters() if p.ndim == 2]
+    """(shape, row counts of its projections or None) of every matrix Muon optimizes in a Blueberry of cfg."""
+    model = Blueberry(cfg)
+    splits = model.muon_splits()
+    return [(tuple(p.shape), splits.get(f"blocks.{name}")) for name, p in model.blocks.named_parameters() if p.ndim == 2]
 
 
-def muon_params(shapes, grads, split: bool) -> list:
-    """Fresh parameters with fixed gradients; `split` keeps muon_split (what muon.Muon sees)."""
+def muon_params(shapes, grads) -> list:
+    """Fresh parameters with fixed gradients."""
     params = []
-    for (shape, pieces), grad in zip(shapes, grads):
+    for (shape, _), grad in zip(shapes, grads):
         p = torch.nn.Parameter(torch.randn(shape) * 0.02)
         p.grad = grad.clone()
-        if split and pieces:
-            p.muon_split = pieces
         params.append(p)
     return params
 
 
+def split_muon(shapes, grads, ns_dtype):
+    """muon.Muon over fresh parameters, each fused one split into its projections (as build_optimizers does)."""
+    params = muon_params(shapes, grads)
+    import muon
+    return muon.Muon(params, ns_dtype=ns_dtype, splits={p: pieces for p, (_, pieces) in zip(params, shapes) if pieces})
+
+
 def presplit(shapes, grads):
-    """Each muon_split piece as its own parameter: what torch.optim.Muon needs to do the same math."""
+    """Each projection of a fused weight as its own parameter: what torch.optim.Muon needs to do the same math."""
     pieces = [g.contiguous() for (shape, split), grad in zip(shapes, grads)
               for g in grad.split(list(split or (shape[0],)))]
     return [(tuple(g.shape), None) for g in pieces], pieces
@@ -106,14 +113,14 @@ def cmd_muon(args):
     shapes = hidden_matrices(TINY if args.tiny else ModelConfig())
     grads = [torch.randn(shape) for shape, _ in shapes]
     split_shapes, split_grads = presplit(shapes, grads)
-    ours = "muon.Muon, muon_split, bf16 NS"
+    ours = "muon.Muon, split projections, bf16 NS"
     contenders = {
         "torch.optim.Muon, fused weights unsplit":
-            torch.optim.Muon(muon_params(shapes, grads, False), lr=0.02, weight_decay=0.0),
+            torch.optim.Muon(muon_params(shapes, grads), lr=0.02, weight_decay=0.0),
         "torch.optim.Muon, pre-split pieces":
-            torch.optim.Muon(muon_params(split_shapes, split_grads, False), lr=0.02, weight_decay=0.0),
-        ours: muon.Muon(muon_params(shapes, grads, True), ns_dtype=torch.bfloat16),
-        "muon.Muon, muon_split, fp32 NS": muon.Muon(muon_params(shapes, grads, True), ns_dtype=torch.float32),
+            torch.optim.Muon(muon_params(split_shapes, split_grads), lr=0.02, weight_decay=0.0),
+        ours: split_muon(shapes, grads, torch.bfloat16),
+        "muon.Muon, split projections, fp32 NS": split_muon(shapes, grads, torch.float32),
     }
     timing = alternate({name: opt.step for name, opt in contenders.items()}, rounds=args.rounds, warmup=args.warmup,
                        repeat=args.repeat)
