@@ -278,49 +278,65 @@ def add_fields(group, cls, defaults: dict | None = None) -> None:
                                if not meta.get("choices") else None, help=f"{meta['help']} (default: {shown})")
 
 
-def build_parser(preset: str, default: str, description: str = "Train a Blueberry language model.") -> OneLineParser:
-    """The run_train.py parser; --help shows the values of `preset` (`default` is the one this machine picks)."""
-    parser = OneLineParser(description=description, epilog=f"Defaults shown are the {preset} preset's.")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help=f"named starting point: t4 (the reference configuration), cpu (a small model on the "
-                             f"embedded corpus, a 150 s run) or scale (1.39B parameters) (default: {default} on "
-                             f"this machine)")
-    for cls in (ModelConfig, TrainConfig):
-        add_fields(parser.add_argument_group(cls.__name__), cls, PRESETS[preset])
+def uses_presets(classes) -> bool:
+    """Do the presets set fields of these dataclasses (the model and training ones)?"""
+    names = {f.name for cls in classes for f in fields(cls)}
+    return any(name in names for values in PRESETS.values() for name in values)
+
+
+def build_parser(classes, preset: str | None, default: str | None, description: str, options=None) -> OneLineParser:
+    """A parser with one --FIELD flag per field of each dataclass in `classes`, and --preset when presets apply to
+    them (--help then shows the values of `preset`; `default` is the one this machine picks). `options(parser)`
+    adds a script's own flags."""
+    parser = OneLineParser(description=description,
+                           epilog=f"Defaults shown are the {preset} preset's." if preset else None)
+    if preset:
+        parser.add_argument("--preset", choices=sorted(PRESETS),
+                            help=f"named starting point: t4 (the reference configuration), cpu (a small model on the "
+                                 f"embedded corpus, a 150 s run) or scale (1.39B parameters) (default: {default} on "
+                                 f"this machine)")
+    if options:
+        options(parser)
+    for cls in classes:
+        add_fields(parser.add_argument_group(cls.__name__) if len(classes) > 1 else parser, cls,
+                   PRESETS[preset] if preset else None)
     return parser
 
 
-def make_configs(preset: str | None = None, **overrides) -> tuple:
-    """Build (ModelConfig, TrainConfig) from a preset plus field overrides; ValueError on bad input."""
+def make_configs(preset: str | None = None, classes=(ModelConfig, TrainConfig), **overrides) -> tuple:
+    """One config per dataclass in `classes` (default (ModelConfig, TrainConfig)) from a preset plus field
+    overrides; ValueError on bad input."""
     values = dict(PRESETS[preset]) if preset else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    model_names = {f.name for f in fields(ModelConfig)}
-    train_names = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - model_names - train_names
+    names = [{f.name for f in fields(cls)} for cls in classes]
+    unknown = set(values).difference(*names)
     if unknown:
         raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    model_cfg = ModelConfig(**{k: v for k, v in values.items() if k in model_names})
-    train_cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
-    return model_cfg, train_cfg
+    return tuple(cls(**{k: v for k, v in values.items() if k in known}) for cls, known in zip(classes, names))
 
 
-def parse_args(argv=None, description: str = "Train a Blueberry language model.") -> tuple:
-    """CLI -> (ModelConfig, TrainConfig, preset name, the fields given on the command line: {name: value}, with
-    "preset" among them when it was given). Bad input exits with one line."""
+def parse_args(argv=None, description: str = "Train a Blueberry language model.", classes=(ModelConfig, TrainConfig),
+               options=None) -> tuple:
+    """The one command line of every script: CLI -> (one config per dataclass in `classes`, ..., preset name or
+    None, given), where `given` holds every flag given on the command line ({name: value}, "preset" among them
+    when it was given) and the values of the script's own `options` flags. Bad input exits with one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    first = OneLineParser(add_help=False)
-    first.add_argument("--preset", choices=sorted(PRESETS))
-    known, _ = first.parse_known_args(argv)
-    default = default_preset()
-    preset = known.preset or default
-    parser = build_parser(preset, default, description)
+    preset = default = None
+    if uses_presets(classes):
+        first = OneLineParser(add_help=False)
+        first.add_argument("--preset", choices=sorted(PRESETS))
+        known, _ = first.parse_known_args(argv)
+        default = default_preset()
+        preset = known.preset or default
+    parser = build_parser(classes, preset, default, description, options)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    field_names = {f.name for cls in classes for f in fields(cls)}
     try:
-        model_cfg, train_cfg = make_configs(preset, **{k: v for k, v in given.items() if k != "preset"})
+        configs = make_configs(preset, classes, **{k: v for k, v in given.items() if k in field_names})
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(2)
-    return model_cfg, train_cfg, preset, given
+    return (*configs, preset, given)
 
 
 def markdown_table() -> str:
