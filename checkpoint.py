@@ -33,11 +33,12 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- weights and config
 
-def save_model(out_dir, model: Blueberry, extra_config: dict | None = None, step: int = 0):
-    """Write model.safetensors and config.json ({"model": ModelConfig fields, **extra_config})."""
+def save_model(out_dir, model: Blueberry, extra_config: dict | None = None, step: int = 0, weights: dict | None = None):
+    """Write model.safetensors and config.json ({"model": ModelConfig fields, **extra_config}). `weights`: the
+    model's full state dict where the model itself holds only a shard of it (parallel.full_state_dict)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous() for k, v in (model.state_dict() if weights is None else weights).items()}
     atomic_write(out_dir / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"step": str(step)}))
     config = {"model": dataclasses.asdict(model.cfg), "step": step, **(extra_config or {})}
     atomic_write(out_dir / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
@@ -88,12 +89,14 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir, model, optimizers, scaler, batches, progress: dict, extra_config: dict):
-    """Weights + config for inference, then the one-file resume state (both atomic)."""
-    save_model(out_dir, model, {**extra_config, "tokens": progress["tokens"]}, step=progress["step"])
+def save_checkpoint(out_dir, model, optimizers, scaler, batches, progress: dict, extra_config: dict,
+                    weights: dict | None = None):
+    """Weights + config for inference, then the one-file resume state (both atomic). `weights` as in save_model."""
+    weights = model.state_dict() if weights is None else weights
+    save_model(out_dir, model, {**extra_config, "tokens": progress["tokens"]}, step=progress["step"], weights=weights)
     state = {
         "model_config": dataclasses.asdict(model.cfg), "progress": dict(progress),
-        "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+        "model": weights, "optimizers": [opt.state_dict() for opt in optimizers],
         "scaler": scaler.state_dict(), "rng": rng_state(), "data": batches.state_dict(),
     }
     atomic_write(Path(out_dir) / STATE, lambda p: torch.save(state, p))

@@ -21,7 +21,7 @@ from common import autocast
 from config import ModelConfig, llama_equivalent
 from llama import llama_config, to_llama_state_dict
 from model import Blueberry
-from muon import optimizer_step
+from trainer import optimizer_step
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -3,6 +3,7 @@ small texts and configs for the data tests (test_sources, test_tokenizer, test_d
 
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,30 @@ def run_script(script, *args, timeout=300, env=None, **kwargs):
     kwargs.setdefault("capture_output", True)
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=full_env,
                           text=True, timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_gloo(worker, world: int, *args):
+    """Run worker(rank, world, *args) in `world` processes (one thread each) joined in a gloo process group on
+    127.0.0.1, as torchrun would on a CPU; `worker` must be a module-level function (it is pickled)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_process, args=(world, free_port(), worker, args), nprocs=world, join=True)
+
+
+def _gloo_process(rank, world, port, worker, args):
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
 
 
 def assert_one_line_error(proc, *needles):

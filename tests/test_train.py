@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CHAT_DATA, REPO, TINY_DATA, TINY_MODEL, TINY_RUN, assert_one_line_error, run_script
-from run_train import lr_multiplier
+from trainer import lr_multiplier
 from config import TrainConfig
 
 
