@@ -1,4 +1,4 @@
-"""Plumbing shared by every script: device, dtype and autocast, the process group, atomic writes.
+"""Plumbing shared by every script: device, dtype and autocast, which process this is, atomic writes.
 
 One dtype rule serves training, inference and Muon's Newton-Schulz iteration (`pick_dtype`):
 bf16 where the hardware multiplies it natively, fp16 (with a grad scaler) on older GPUs such
@@ -92,19 +92,6 @@ def batch_to_device(windows, device, mask=None) -> tuple:
 
 
 # ----------------------------------------------------------------------------- processes
-
-def setup_distributed() -> tuple:
-    """(rank, world_size, local_rank). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPUs."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-    else:
-        dist.init_process_group("gloo")
-    return rank, world, local
-
 
 def world_info() -> tuple:
     """(rank, world_size) of this process: (0, 1) outside torch.distributed."""
