@@ -18,14 +18,16 @@ from dataclasses import dataclass, field, fields
 
 def option(default, help: str, choices: tuple | None = None, kind=None, shown: str | None = None):
     """A dataclass field that documents itself: `help` and `choices` feed --help and the README table;
-    `kind` is the value type where the default (None) cannot tell it, and `shown` what --help says then."""
+    `kind` is the value type where the default (None) cannot tell it, and `shown` what --help says in place of the
+    default (where the default is None, or is not what a run uses)."""
     return field(default=default, metadata={"help": help, "choices": choices, "kind": kind, "shown": shown})
 
 
 @dataclass
 class ModelConfig:
     # sizes (the reference configuration: 18.9M parameters, 6.3M without embeddings)
-    vocab_size: int = option(24576, "vocabulary size; set from the tokenizer at run time")
+    vocab_size: int = option(24576, "vocabulary size; always the tokenizer's, set at run time",
+                             shown="the tokenizer's (--tokenizer)")
     d_model: int = option(256, "width of the residual stream")
     n_layers: int = option(8, "number of transformer blocks")
     n_heads: int = option(8, "query heads (must divide d_model; head_dim = d_model / n_heads must be even)")
@@ -140,10 +142,14 @@ class TrainConfig:
     save_every: int = option(1000, "steps between checkpoints")
     out_dir: str = option("out", "output folder")
     resume: bool = option(False, "continue from the checkpoint in out_dir")
+    overwrite: bool = option(False, "replace the run already in out_dir (at this run's first checkpoint, so a run that "
+                             "fails before it keeps the old one whole)")
     init_from: str = option("", "start from these weights and tokenizer: a run's out_dir, or a Hugging Face Llama "
                             "folder or hub id (the model settings come from it; optimizers start fresh; empty = "
                             "from scratch)")
     sample_tokens: int = option(200, "length of the sample printed at the end (0 = none)")
+    report_to: str = option("none", "also log every metrics row to this experiment tracker (its package must be "
+                            "installed)", choices=("none", "tensorboard", "wandb"))
     # runtime
     seed: int = option(1337, "random seed (weights, batches)")
     device: str = option("auto", "where to train (auto: CUDA, else MPS, else CPU)", choices=("auto", "cuda", "mps", "cpu"))
@@ -194,6 +200,28 @@ class SampleConfig:
         _check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 = off)")
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)")
+        _check_choices(self)
+
+
+@dataclass
+class ServeConfig:
+    """How serve.py serves a run (the sampling settings come with each request)."""
+    out_dir: str = option("out", "the run to serve: a folder written by run_train.py")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface, reachable from other machines)")
+    port: int = option(8000, "port to listen on (0: any free port, printed at start)")
+    max_batch: int = option(16, "requests decoded together in the running batch")
+    max_queue: int = option(64, "requests that may wait for a row of the batch; past that a request gets 429")
+    api_key: str = option("", "require `Authorization: Bearer KEY` on /v1/ (empty = no key)")
+    model_name: str = option("", "the model's id in the API (empty = the out_dir folder's name)")
+    device: str = option("auto", "where to run (auto: CUDA, else MPS, else CPU)", choices=("auto", "cuda", "mps", "cpu"))
+    dtype: str = option("auto", "`auto` (bf16 where native, fp16 on older GPUs, else fp32), or one precision",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+
+    def __post_init__(self):
+        _check(0 <= self.port <= 65535, "port", "must be in [0, 65535] (0 = any free port)")
+        _check(self.max_batch >= 1, "max_batch", "must be >= 1")
+        _check(self.max_queue >= 0, "max_queue", "must be >= 0")
+        _check(bool(self.host), "host", "must name an address, e.g. 127.0.0.1")
         _check_choices(self)
 
 
@@ -269,7 +297,7 @@ def add_fields(group, cls, defaults: dict | None = None) -> None:
         value = (defaults or {}).get(f.name, f.default)
         meta = f.metadata
         kind = meta.get("kind") or type(f.default)
-        shown = meta.get("shown") if value is None else value
+        shown = meta.get("shown") or value
         if kind is bool:
             group.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, metavar="BOOL",
                                help=f"{meta['help']} (default: {str(value).lower()})")

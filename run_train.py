@@ -36,7 +36,7 @@ def train(argv=None):
     say = print if master else (lambda *a, **k: None)
     model_cfg, train_cfg, preset, given = parse_args(argv)
     say(preset_line(preset, given))
-    device, dtype, amp, scaler = trainer.setup(train_cfg, local_rank)
+    device, dtype, amp, scaler = trainer.setup(train_cfg, local_rank)  # also refuses to replace a run unasked
     out_dir = Path(train_cfg.out_dir)
     source, tokenizer, model_cfg, description = trainer.init_from(train_cfg, model_cfg, given)
     if source is not None:
@@ -59,17 +59,18 @@ def train(argv=None):
         progress = trainer.Progress(**checkpoint.restore(state, raw_model, optimizers, scaler, batches))
         say(f"resumed from {out_dir} at step {progress.step}")
 
-    log = trainer.open_run_folder(out_dir, bundle.tokenizer, progress.step if train_cfg.resume else None, master)
     run_info = {"train": dataclasses.asdict(train_cfg), "dataset": bundle.source, "validation": bundle.val_source,
                 "sample_prompt": bundle.sample_prompt, "preset": preset, "chat": bundle.chat}
+    folder = trainer.RunFolder(train_cfg, bundle.tokenizer, progress.step if train_cfg.resume else None, run_info,
+                               master)
 
     def evaluate(max_batches):  # every rank evaluates its share; rank 0 logs
         row = {**progress.row(), **trainer.evaluate(raw_model, bundle.eval_batches(
             train_cfg.batch_size, model_cfg.max_seq_len, max_batches, device), amp, device)}
         if bundle.answer_rows:  # the built-in set: greedy answers to held-out problems
             row.update(trainer.evaluate_answers(raw_model, bundle.tokenizer, bundle.answer_rows, amp, device))
-        log.append(row)
-        log.plot(out_dir / "loss.png", {"train": "loss", "validation": "val_loss"})
+        folder.log.append(row)
+        folder.log.plot(out_dir / "loss.png", {"train": "loss", "validation": "val_loss"})
         return row
 
     # the loop: one optimizer step, then the log line, evaluation and checkpoint when they are due
@@ -91,11 +92,11 @@ def train(argv=None):
             if step % train_cfg.log_every == 0 or done or step % train_cfg.save_every == 0:
                 row = meter.row(progress, lrs, grad_norm, out_dir)
                 bar.set_postfix(trainer.postfix(row))
-                log.append(row)
+                folder.log.append(row)
             if step % train_cfg.eval_every == 0 and not done:
                 bar.write(f"step {step}: {trainer.eval_line(evaluate(train_cfg.eval_batches))}")
             if step % train_cfg.save_every == 0 or done:
-                trainer.save(out_dir, raw_model, optimizers, scaler, batches, progress, run_info, master)
+                folder.save(raw_model, optimizers, scaler, batches, progress)
 
     # the end: the final evaluation and a sample, or the word that Ctrl-C saved the run
     if progress.step == 0:

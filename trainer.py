@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from itertools import islice
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 import checkpoint
 import parallel
+import trackers
 from common import atomic_write, autocast, gpu_peak_flops, pick_device, pick_dtype, world_info
 from conversations import answer_accuracy
 from model import Blueberry
@@ -34,6 +36,9 @@ from muon import Muon
 from tokenizer import save_tokenizer
 
 MOMENTUM_WARMUP_START = 0.85
+# what a run writes into out_dir (the first four mark a folder that holds a run); --overwrite removes these only
+RUN_FILES = (checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.STATE, checkpoint.METRICS, checkpoint.TOKENIZER_DIR,
+             "loss.png", "runs", "wandb")
 
 
 class TrainError(Exception):
@@ -43,7 +48,9 @@ class TrainError(Exception):
 # ----------------------------------------------------------------------------- set-up
 
 def setup(cfg, local_rank: int = 0) -> tuple:
-    """(device, dtype, autocast context, grad scaler) for cfg.device / cfg.dtype, with every RNG seeded."""
+    """(device, dtype, autocast context, grad scaler) for cfg.device / cfg.dtype, with every RNG seeded; first,
+    the checks that stop a run before any work (preflight)."""
+    preflight(cfg)
     try:
         device = pick_device(cfg.device, local_rank)
         dtype = pick_dtype(cfg.dtype, device)
@@ -261,30 +268,38 @@ def eval_line(row: dict) -> str:
 # ----------------------------------------------------------------------------- the metrics log
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per log or evaluation line, appended by rank 0 (other ranks write nothing).
-    A resumed run first drops the lines its killed predecessor wrote after the checkpoint; a fresh one starts
-    an empty file."""
+    """metrics.jsonl: one JSON object per log or evaluation line, appended by rank 0 (other ranks write nothing),
+    and sent to the tracker (--report_to) under the same keys. A resumed run first drops the lines its killed
+    predecessor wrote after the checkpoint; a fresh one starts an empty file. Until `start`, rows are held."""
 
     def __init__(self, path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
+        self.tracker, self.started, self.held = None, False, []
 
-    def start(self, resumed_step: int | None = None):
-        if not self.enabled:
-            return
-        if resumed_step is not None:
-            checkpoint.truncate_metrics(self.path, resumed_step)
-        elif self.path.exists():
-            self.path.unlink()
+    def start(self, resumed_step: int | None = None, tracker=None):
+        self.tracker, self.started = tracker, True
+        if self.enabled:
+            if resumed_step is not None:
+                checkpoint.truncate_metrics(self.path, resumed_step)
+            elif self.path.exists():
+                self.path.unlink()
+        for row in self.held:
+            self.append(row)
+        self.held = []
 
     def append(self, row: dict):
-        if self.enabled:
+        if not self.started:
+            self.held.append(row)
+        elif self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.tracker:
+                self.tracker.log(row)
 
     def plot(self, png_path, series: dict, x: str = "tokens", ylabel: str = "loss"):
-        """Redraw `png_path` from the log: one line per {label: key} of `series` against `x`; a key found only on
-        evaluation rows is drawn with markers."""
-        if not self.enabled:
+        """Redraw `png_path` from the log (and hand it to the tracker): one line per {label: key} of `series`
+        against `x`; a key found only on evaluation rows is drawn with markers."""
+        if not (self.enabled and self.started):
             return
         import matplotlib
         matplotlib.use("Agg")
@@ -302,7 +317,66 @@ class MetricsLog:
         ax.legend()
         fig.tight_layout()
         atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=110))
+        if self.tracker and rows:
+            self.tracker.figure(Path(png_path).stem, fig, rows[-1]["step"])
         plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def holds_run(out_dir) -> bool:
+    return any((Path(out_dir) / name).exists() for name in RUN_FILES[:4])
+
+
+def preflight(cfg):
+    """What stops a run before any work, in one line: an out_dir that holds a run neither continued (--resume) nor
+    replaced (--overwrite), and a tracker whose package is missing."""
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in out_dir and --overwrite replaces it: give one of them")
+    if holds_run(cfg.out_dir) and not (cfg.resume or cfg.overwrite):
+        raise TrainError(f"{cfg.out_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
+                         f"or train into a fresh --out_dir")
+    try:
+        trackers.check(cfg.report_to)
+    except trackers.TrackerMissing as e:
+        raise TrainError(str(e)) from None
+
+
+class RunFolder:
+    """out_dir as a run writes it: the tokenizer, metrics.jsonl (and the tracker), loss.png, the checkpoints.
+
+    A run never destroys another silently (preflight). With --overwrite over an existing run, nothing is written
+    until the first checkpoint, so a run that fails before it leaves the old one whole: then the old run's files
+    go, and the rows logged so far are written."""
+
+    def __init__(self, cfg, tokenizer, resumed_step: int | None, run_info: dict, master: bool):
+        self.path, self.cfg, self.tokenizer, self.run_info, self.master = Path(cfg.out_dir), cfg, tokenizer, run_info, master
+        self.log = MetricsLog(self.path / checkpoint.METRICS, enabled=master)
+        self.replacing = cfg.overwrite and holds_run(self.path)
+        if not self.replacing:
+            self._open(resumed_step)
+
+    def _open(self, resumed_step):
+        tracker = None
+        if self.master:
+            if self.replacing:
+                for name in RUN_FILES:
+                    target = self.path / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            save_tokenizer(self.tokenizer, self.path / checkpoint.TOKENIZER_DIR)
+            tracker = trackers.open_tracker(self.cfg.report_to, self.path, self.run_info, resumed_step)
+        self.log.start(resumed_step, tracker)
+        self.replacing = False
+
+    def save(self, model, optimizers, scaler, batches, progress: Progress):
+        """A checkpoint (checkpoint.save_checkpoint): every rank gathers the weights, rank 0 writes."""
+        if not self.log.started:
+            self._open(None)
+        weights = parallel.full_state_dict(model)
+        if self.master:
+            checkpoint.save_checkpoint(self.path, model, optimizers, scaler, batches, dataclasses.asdict(progress),
+                                       self.run_info, weights)
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -345,30 +419,11 @@ def progress_bar(cfg, progress: Progress, master: bool):
 
 
 def bar_position(progress: Progress, cfg) -> int:
-    return int(progress.elapsed_s) if cfg.time_budget > 0 else progress.step
+    """Where the bar stands: seconds (at most the budget: the last step may overshoot it) or steps."""
+    return min(int(progress.elapsed_s), round(cfg.time_budget)) if cfg.time_budget > 0 else progress.step
 
 
-# ----------------------------------------------------------------------------- the run folder
-
-def open_run_folder(out_dir, tokenizer, resumed_step: int | None, master: bool) -> MetricsLog:
-    """Create out_dir with the run's tokenizer (rank 0) and return its metrics log, started fresh or, on a resume,
-    cut back to the checkpoint's step."""
-    log = MetricsLog(Path(out_dir) / checkpoint.METRICS, enabled=master)
-    if master:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tokenizer, Path(out_dir) / checkpoint.TOKENIZER_DIR)
-    log.start(resumed_step)
-    return log
-
-
-
-def save(out_dir, model, optimizers, scaler, batches, progress: Progress, run_info: dict, master: bool):
-    """A checkpoint (checkpoint.save_checkpoint): every rank gathers the weights, rank 0 writes."""
-    weights = parallel.full_state_dict(model)
-    if master:
-        checkpoint.save_checkpoint(out_dir, model, optimizers, scaler, batches, dataclasses.asdict(progress),
-                                   run_info, weights)
-
+# ----------------------------------------------------------------------------- the end
 
 def sample_text(model, tokenizer, prompt: str, n_tokens: int, amp, chat: bool, seed: int) -> str:
     """A continuation of `prompt`, or for a chat model its reply to `prompt` as a user turn. Every rank computes

@@ -226,7 +226,7 @@ def test_console_lines_come_before_the_bar_and_the_log_has_the_learning_rates(tm
     console = proc.stdout
     assert console.index("training on cpu") < console.index("train:")
     assert "training on cpu" in console.splitlines()[console[:console.index("training on cpu")].count("\n")]
-    assert not re.search(r"\ds/s", console) and "/3 s" in console
+    assert not re.search(r"\ds/s", console) and "3/3 s" in console and "/? s" not in console  # ends at the budget
     assert "data: validation:" in console
     rows = [r for r in metrics(tmp_path / "out") if "loss" in r]
     cfg = TrainConfig()
@@ -234,6 +234,74 @@ def test_console_lines_come_before_the_bar_and_the_log_has_the_learning_rates(tm
         assert r["muon_lr"] == pytest.approx(cfg.muon_lr * r["lr_scale"])
         assert r["adamw_lr"] == pytest.approx(cfg.adamw_lr * r["lr_scale"])
     assert "lr" not in rows[0]
+
+
+# ----------------------------------------------------------------------------- the run folder and trackers
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_is_replaced_only_when_asked_and_only_at_the_first_checkpoint(trained_run, tmp_path, cache_dir):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(trained_run, out)
+    before = snapshot(out)
+    args = [*TINY_MODEL, *TINY_DATA, *TINY_RUN, "--out_dir", out, "--cache_dir", cache_dir, "--sample_tokens", 0]
+    assert_one_line_error(run_script("run_train.py", *args, timeout=120), "already holds a run", "--resume",
+                          "--overwrite", "--out_dir")
+    assert_one_line_error(run_script("run_train.py", *args, "--resume", "--overwrite", timeout=120), "one of them")
+    # --overwrite, and the run fails before its first checkpoint: the old run is whole, byte for byte
+    proc = run_script("run_train.py", *args, "--overwrite", "--log_every", 2, "--save_every", 1000,
+                      "--muon_lr", "1e30", "--adamw_lr", "1e30")
+    assert proc.returncode == 1 and "loss became nan" in proc.stderr, proc.stderr
+    assert snapshot(out) == before
+    # one that reaches its first checkpoint replaces it, with the rows it logged before
+    proc = run_script("run_train.py", *args, "--overwrite", "--max_steps", 6, "--eval_every", 3, "--save_every", 3)
+    assert proc.returncode == 0, proc.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6] and max(r["step"] for r in rows) == 6
+    assert json.loads((out / "config.json").read_text())["step"] == 6
+    assert run_script("run_train.py", *args, "--resume", "--max_steps", 8).returncode == 0  # and it continues
+
+
+def test_tensorboard_gets_every_metrics_row_under_the_same_keys(tmp_path, cache_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", 10, "--log_every", 2,
+                      "--eval_every", 5, "--save_every", 5, "--sample_tokens", 0, "--report_to", "tensorboard",
+                      "--out_dir", out, "--cache_dir", cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    events = EventAccumulator(str(out / "runs")).Reload()
+    rows = metrics(out)
+    for key in ("loss", "grad_norm", "lr_scale", "muon_lr", "tok_per_s", "val_loss", "val_ppl", "val_acc"):
+        logged = [r for r in rows if key in r]
+        scalars = events.Scalars(key)
+        assert [e.step for e in scalars] == [r["step"] for r in logged], key
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in logged], rel=1e-6), key
+    assert "loss" in events.Tags()["images"]  # the loss curve, as loss.png draws it
+
+
+def test_wandb_offline_writes_its_run(tmp_path, cache_dir):
+    pytest.importorskip("wandb")
+    out = tmp_path / "wb"
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", 4, "--eval_every", 2,
+                      "--sample_tokens", 0, "--report_to", "wandb", "--out_dir", out, "--cache_dir", cache_dir,
+                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_missing_tracker_package_is_one_line(tmp_path, cache_dir):
+    blocked = tmp_path / "blocked" / "wandb"  # shadows an installed wandb: the import fails as if it were absent
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
+    proc = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--report_to", "wandb",
+                      "--out_dir", tmp_path / "out", "--cache_dir", cache_dir, timeout=120,
+                      env={"PYTHONPATH": str(blocked.parent)})
+    assert_one_line_error(proc, "pip install wandb")
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- conversations and --init_from
