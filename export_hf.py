@@ -37,6 +37,9 @@ AUTO_MAP = {"AutoConfig": "modeling_blueberry.BlueberryConfig",
             "AutoModelForCausalLM": "modeling_blueberry.BlueberryForCausalLM"}
 
 
+CARD_PLACEHOLDER = "path/to/this/folder"  # what the model card loads when the export is not pushed to the hub
+
+
 class ExportError(Exception):
     """Stops the export with a one-line message (no traceback)."""
 
@@ -62,7 +65,8 @@ def export(out_dir, hf_dir, force: bool = False, repo_id: str | None = None) -> 
         else:
             save_remote_code(model, ids, folder)
         generation_config(tokenizer, ids).save_pretrained(str(folder))
-        card = model_card(model, config, last_eval(Path(out_dir)), architecture, repo_id or str(hf_dir))
+        # the hub id it will be pushed to, else a placeholder: this machine's path means nothing to a reader
+        card = model_card(model, config, last_eval(Path(out_dir)), architecture, repo_id or CARD_PLACEHOLDER)
         (folder / "README.md").write_text(card)
 
     write_folder(hf_dir, fill)

@@ -163,6 +163,7 @@ def test_a_trained_run_exports_with_its_own_code(trained_run, exported_run, tmp_
     for needle in (f"{final['val_loss']:.4f}", f"{run['tokens']:,} in {run['step']:,} steps", "trust_remote_code=True",
                    "`embed_scale`, `sandwich_norm`, `qk_norm`, `attn_gate`", run["dataset"]):
         assert needle in card, needle
+    assert f'from_pretrained("{export_hf.CARD_PLACEHOLDER}"' in card and str(hf_dir) not in card  # no local path
 
     model, tokenizer, _ = checkpoint.load_run(trained_run)
     texts = ["ROMEO:", "To be, or not"]
@@ -223,6 +224,7 @@ def test_export_bad_input_is_one_line_and_never_half_written(tmp_path):
     names = {p.name for p in hf_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= names
     assert "keep.txt" not in names and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert 'from_pretrained("someone/tiny"' in (hf_dir / "README.md").read_text()  # a pushed card loads the hub id
 
 
 def test_lm_eval_scores_the_export_with_blueberrys_log_likelihoods(trained_run, exported_run, tmp_path):
