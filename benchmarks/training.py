@@ -51,7 +51,7 @@ def prepare_corpus(corpus_flags: list, cache_dir: Path):
 def training_run(extra: list, out_dir: Path, cache_dir: Path):
     """A callable that runs run_train.py (`extra` sets its length) and returns its eval rows (metrics.jsonl)."""
     cmd = [sys.executable, str(REPO / "run_train.py"), "--preset", TRAIN_PRESET, "--max_steps", "1000000",
-           "--eval_every", "25", "--log_every", "25", "--save_every", "1000000", "--sample_tokens", "0",
+           "--eval_every", "25", "--log_every", "25", "--save_every", "1000000", "--sample_tokens", "0", "--overwrite",
            "--cache_dir", str(cache_dir), "--out_dir", str(out_dir), *extra]
 
     def run():
