@@ -1,15 +1,18 @@
 """Conversation data for supervised fine-tuning: rows of messages, checked, rendered and packed.
 
-    data = prepare_conversations(train_cfg, max_seq_len, tokenizer_spec_or_tokenizer)   # via data.prepare_data
-    x, y = data.batches(batch_size, seed).next_batch()   # y is -100 wherever the assistant did not write
+    chats = open_conversations(dataset, settings)        # settings: ConversationSettings; nothing is read yet
+    tokenizer, name = get_tokenizer(spec, chats.text_source(), cache_dir, val_fraction)   # tokenizer.py
+    data = prepare_conversations(chats, tokenizer, name, max_seq_len)   # data.prepare_data does these three
+    x, y = data.batches(batch_size, seq_len, seed).next_batch()   # y is -100 wherever the assistant did not write
 
 A row has a `messages` column: a list of {"role": "system" | "user" | "assistant", "content": str};
 an assistant message may carry its steps in `thinking` (`reasoning_content`, the Qwen3 /
 DeepSeek-R1 name, means the same). Rows come from local JSONL / JSON / Parquet files or folders,
-a hub dataset, or `arithmetic` (arithmetic.py). Each conversation is rendered with the chat
-format (tokenizer.render_conversation: ids and a loss mask), and conversations are packed whole
-into windows of max_seq_len + 1 tokens; one longer than a window is cut to it, or dropped when
-the cut leaves the assistant nothing to write. `--thinking false` drops every thinking field.
+a hub dataset (both through sources.py), or `arithmetic` (arithmetic.py). Each conversation is
+rendered with the chat format (tokenizer.render_conversation: ids and a loss mask), and
+conversations are packed whole into windows of max_seq_len + 1 tokens; one longer than a window
+is cut to it, or dropped when the cut leaves the assistant nothing to write. `--thinking false`
+drops every thinking field.
 """
 
 import hashlib
@@ -23,7 +26,7 @@ import numpy as np
 import arithmetic
 from common import atomic_write, batch_to_device
 from sources import SHAKESPEARE, DataError, HubUnreachable, Shard, Source, closing, looks_like_path, open_source
-from token_cache import not_prepared
+from token_cache import digest, not_prepared
 from tokenizer import IM_END, add_chat_format, render_conversation, render_prompt, split_reply
 
 ARITHMETIC = "arithmetic"
@@ -69,25 +72,64 @@ def check_messages(messages, where: str, thinking: bool = True) -> list:
 
 # ----------------------------------------------------------------------------- reading rows
 
-def open_conversations(dataset: str, cfg) -> tuple:
-    """-> (name, key, read): `key` identifies the content for the cache without reading it, and read() returns
-    (train rows, val rows or None), rows being dicts with "messages", streamed from the source (sources.py).
-    The arithmetic set's val rows are held-out problems, which also serve the answer accuracy."""
+@dataclass(frozen=True)
+class ConversationSettings:
+    """What conversation data takes of a run's settings (the TrainConfig fields of the same names)."""
+    cache_dir: str
+    text_column: str  # part of a table source's key (sources.open_source)
+    seed: int  # the built-in set's problems and the packing order
+    thinking: bool  # False drops every thinking field
+    max_tokens: int  # cap on the training conversations' tokens (0 = all)
+    val_fraction: float  # held out when the source has no validation split
+    eval_answers: int  # held-out problems whose answers are checked (the built-in set)
+
+
+class Conversations:
+    """A conversation dataset, opened (open_conversations) but not read: `name`, and `key`, which identifies
+    its content for the caches without reading it. Its rows are read, checked and split once, on first use,
+    which is only where a cache misses."""
+
+    def __init__(self, dataset: str, settings: ConversationSettings, name: str, key, read):
+        self.builtin = dataset == ARITHMETIC
+        self.settings, self.name, self.key, self._read, self._split = settings, name, key, read, None
+
+    def split(self) -> tuple:
+        """(train conversations, val conversations, how validation was chosen), every row checked."""
+        if self._split is None:
+            self._split = _read_split(self._read, self.name, self.builtin, self.settings)
+        return self._split
+
+    def text_source(self) -> Source:
+        """The training conversations' text as a sources.Source: what a char or BPE vocabulary for them is built
+        from (tokenizer.get_tokenizer, which reads it only if that vocabulary is not cached yet)."""
+        text = Shard(self.name, lambda skip: conversation_text(self.split()[0][skip:]), None)
+        return Source(self.name, json.dumps([self.key, self.settings.thinking]), lambda: ("train", None),
+                      lambda split: [text])
+
+
+def open_conversations(dataset: str, settings: ConversationSettings) -> Conversations:
+    """`dataset` (`arithmetic`, or a local or hub table with a `messages` column) -> its Conversations. Table
+    rows stream from the source (sources.py). The arithmetic set's val rows are held-out problems, which also
+    serve the answer accuracy."""
+    s = settings
     if dataset == ARITHMETIC:
-        return ("arithmetic (built-in)", [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, cfg.seed],
-                lambda: (arithmetic.problems(ARITHMETIC_TRAIN, cfg.seed, held_out=False),
-                         arithmetic.problems(ARITHMETIC_VAL, cfg.seed + 1, held_out=True)))
-    source = open_source(dataset, cfg)
+        name = "arithmetic (built-in)"
+
+        def problems():
+            return (arithmetic.problems(ARITHMETIC_TRAIN, s.seed, held_out=False),
+                    arithmetic.problems(ARITHMETIC_VAL, s.seed + 1, held_out=True))
+        return Conversations(dataset, s, name, [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, s.seed], problems)
+    source = open_source(dataset, s.cache_dir, s.text_column)
 
     def read():
         train, val = source.splits()
         return (source.iter_rows(train, ["messages"]),
                 source.iter_rows(val, ["messages"]) if val else None)
 
-    return source.name, source.key, read
+    return Conversations(dataset, s, source.name, source.key, read)
 
 
-def is_conversation_data(dataset: str, cfg) -> bool:
+def is_conversation_data(dataset: str, cache_dir: str, text_column: str = "text") -> bool:
     """Does `dataset` hold conversations (a `messages` column) rather than text? Judged from its first row. What a
     hub dataset holds is remembered in cache_dir, so that a second run needs no network; offline, a hub dataset
     not seen before counts as text (whose path then says the hub cannot be reached)."""
@@ -98,11 +140,11 @@ def is_conversation_data(dataset: str, cfg) -> bool:
         return False
     if not path.exists() and (dataset == SHAKESPEARE or looks_like_path(dataset)):
         return False
-    memo = Path(cfg.cache_dir, "conversations", "hub", re.sub(r"[^\w.-]", "_", dataset))
+    memo = Path(cache_dir, "conversations", "hub", re.sub(r"[^\w.-]", "_", dataset))
     if not path.exists() and memo.exists():
         return memo.read_text() == "conversations"
     try:
-        source = open_source(dataset, cfg)
+        source = open_source(dataset, cache_dir, text_column)
         with closing(source.iter_rows(source.splits()[0])) as rows:
             found = "messages" in next(rows, {})
     except (HubUnreachable, DataError, OSError):  # not a table we can read: the text path says so in its own words
@@ -119,6 +161,20 @@ def _checked(rows, name: str, thinking: bool, split: str):
             raise DataError(f"{name}: row {i} of {split} has no 'messages' column ({', '.join(row)}); "
                             f"conversation data needs one")
         yield check_messages(row["messages"], f"{name}, {split} row {i}", thinking)
+
+
+def _read_split(read, name: str, builtin: bool, settings: ConversationSettings) -> tuple:
+    """(train conversations, val conversations, how validation was chosen), every row checked."""
+    train_rows, val_rows = read()
+    train = list(_checked(train_rows, name, settings.thinking, "train"))
+    if builtin:
+        return train, list(_checked(val_rows, name, settings.thinking, "validation")), "held-out problems, never in training"
+    if val_rows is not None:
+        return train, list(_checked(val_rows, name, settings.thinking, "validation")), "the source's own validation split"
+    k = min(max(1, round(len(train) * settings.val_fraction)), len(train) - 1)
+    if len(train) < 2:
+        raise DataError(f"{name} has {len(train)} conversation(s): too few to hold some out for validation")
+    return train[:-k], train[-k:], f"the last {settings.val_fraction:.0%} of conversations"
 
 
 # ----------------------------------------------------------------------------- packing
@@ -218,77 +274,55 @@ def conversation_text(rows):
         yield iter(["\n".join(f"{m['role']}\n{m.get('thinking', '')}\n{m['content']}" for m in messages) + "\n"])
 
 
-def prepare_conversations(cfg, max_seq_len: int, get_tokenizer, rank: int = 0,
+def prepare_conversations(chats: Conversations, tokenizer, tok_name: str, max_seq_len: int, rank: int = 0,
                           prepared_only: bool = False) -> ConversationData:
-    """Read, check, render and pack the conversations of cfg.dataset (see the module docstring); with
-    `prepared_only` (under torchrun) only read the cache, and stop at once (NotPrepared) if it misses.
-
-    `get_tokenizer(source)` returns (tokenizer, description) for a sources.Source of the conversations' text
-    (data.py resolves the spec: built, hub, local, or an --init_from model's); the chat format is added here."""
+    """Render and pack `chats` (open_conversations) with `tokenizer` (tok_name: how a run names it), which gains
+    the chat format here; the packed windows are cached in cache_dir. With `prepared_only` (under torchrun)
+    only read the cache, and stop at once (NotPrepared) if it misses."""
     say = print if rank == 0 else (lambda *a, **k: None)
-    name, key, read = open_conversations(cfg.dataset, cfg)
-    rows = []  # (train, val, how the validation split was made), read only when a cache misses
-
-    def conversations():
-        if not rows:
-            rows.extend(_read_split(read, name, cfg))
-        return rows
-
-    # what a char or BPE vocabulary for this data learns from (read only if that vocabulary is not cached yet)
-    text = Shard(name, lambda skip: conversation_text(conversations()[0][skip:]), None)
-    source = Source(name, json.dumps([key, cfg.thinking]), lambda: ("train", None), lambda split: [text])
-    tokenizer, tok_name = get_tokenizer(source)
     add_chat_format(tokenizer)
-
-    window = max_seq_len + 1
+    s, window = chats.settings, max_seq_len + 1
     fingerprint = hashlib.sha256((tokenizer.backend_tokenizer.to_str() + str(tokenizer.chat_template)).encode())
-    entry = Path(cfg.cache_dir, "conversations", hashlib.sha256(json.dumps(
-        [CACHE_VERSION, key, cfg.thinking, fingerprint.hexdigest(), window, cfg.max_tokens, cfg.val_fraction, cfg.seed]
-    ).encode()).hexdigest()[:16])
+    entry = Path(s.cache_dir, "conversations", digest(
+        [CACHE_VERSION, chats.key, s.thinking, fingerprint.hexdigest(), window, s.max_tokens, s.val_fraction, s.seed],
+        16))
     arrays = _load_packed(entry)
     if arrays is None and prepared_only:
-        raise not_prepared(f"the packed conversations of {name}", cfg.cache_dir)
+        raise not_prepared(f"the packed conversations of {chats.name}", s.cache_dir)
     if arrays is None:
-        train, val, how = conversations()
-        say(f"data: rendering and packing {len(train):,} + {len(val):,} conversations of {name}")
-        # Packed in a seeded random order: in the source's order, each kind of conversation would keep landing at
-        # the same offsets in its windows (the built-in set cycles through kinds and levels), and a model can learn
-        # that, then fail a kind that starts a chat at position 0, where it never saw it.
-        train = [train[i] for i in np.random.default_rng(cfg.seed).permutation(len(train))]
-        t_tok, t_mask, t_counts = pack(tokenizer, train, window, cfg.max_tokens)
-        v_tok, v_mask, v_counts = pack(tokenizer, val, window)
-        arrays = {"train_tokens": t_tok, "train_mask": t_mask, "val_tokens": v_tok, "val_mask": v_mask}
-        meta = {f"{split}_{k}": v for split, counts in (("train", t_counts), ("val", v_counts)) for k, v in counts.items()}
-        sample = next((m["content"] for m in val[0] if m["role"] == "user"), "Hello!")
-        _save_packed(entry, arrays, {**meta, "validation": how, "sample_prompt": sample})
+        arrays = _pack_and_save(chats, tokenizer, window, entry, say)
     meta = json.loads((entry / "meta.json").read_text())
     cut, dropped = meta["train_truncated"] + meta["val_truncated"], meta["train_dropped"] + meta["val_dropped"]
     if cut or dropped:
         say(f"data: {cut:,} conversation(s) longer than the context of {max_seq_len} were cut to fit and "
             f"{dropped:,} dropped (nothing for the assistant left); raise --max_seq_len to keep them whole")
     if not len(arrays["train_tokens"]) or not len(arrays["val_tokens"]):
-        raise DataError(f"{name}: no conversation fits a window of {window} tokens; raise --max_seq_len")
+        raise DataError(f"{chats.name}: no conversation fits a window of {window} tokens; raise --max_seq_len")
     val_source = (f"{meta['validation']} ({meta['val_packed']:,} conversations, "
                   f"{int(arrays['val_mask'].sum()):,} assistant tokens)")
     say(f"data: validation: {val_source}")
-    answer_rows = arithmetic.problems(cfg.eval_answers, cfg.seed + 1, held_out=True) if cfg.dataset == ARITHMETIC else []
+    answer_rows = arithmetic.problems(s.eval_answers, s.seed + 1, held_out=True) if chats.builtin else []
     return ConversationData(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, vocab_size=len(tokenizer),
-                            source=f"{name} + {tok_name}{'' if cfg.thinking else ', answers only'}",
+                            source=f"{chats.name} + {tok_name}{'' if s.thinking else ', answers only'}",
                             val_source=val_source, sample_prompt=meta["sample_prompt"], answer_rows=answer_rows, **arrays)
 
 
-def _read_split(read, name: str, cfg) -> tuple:
-    """(train conversations, val conversations, how validation was chosen), every row checked."""
-    train_rows, val_rows = read()
-    train = list(_checked(train_rows, name, cfg.thinking, "train"))
-    if cfg.dataset == ARITHMETIC:
-        return train, list(_checked(val_rows, name, cfg.thinking, "validation")), "held-out problems, never in training"
-    if val_rows is not None:
-        return train, list(_checked(val_rows, name, cfg.thinking, "validation")), "the source's own validation split"
-    k = min(max(1, round(len(train) * cfg.val_fraction)), len(train) - 1)
-    if len(train) < 2:
-        raise DataError(f"{name} has {len(train)} conversation(s): too few to hold some out for validation")
-    return train[:-k], train[-k:], f"the last {cfg.val_fraction:.0%} of conversations"
+def _pack_and_save(chats: Conversations, tokenizer, window: int, entry: Path, say) -> dict:
+    """Read, render and pack the conversations into the cache entry `entry`; -> its arrays."""
+    s = chats.settings
+    train, val, how = chats.split()
+    say(f"data: rendering and packing {len(train):,} + {len(val):,} conversations of {chats.name}")
+    # Packed in a seeded random order: in the source's order, each kind of conversation would keep landing at
+    # the same offsets in its windows (the built-in set cycles through kinds and levels), and a model can learn
+    # that, then fail a kind that starts a chat at position 0, where it never saw it.
+    train = [train[i] for i in np.random.default_rng(s.seed).permutation(len(train))]
+    t_tok, t_mask, t_counts = pack(tokenizer, train, window, s.max_tokens)
+    v_tok, v_mask, v_counts = pack(tokenizer, val, window)
+    arrays = {"train_tokens": t_tok, "train_mask": t_mask, "val_tokens": v_tok, "val_mask": v_mask}
+    meta = {f"{split}_{k}": v for split, counts in (("train", t_counts), ("val", v_counts)) for k, v in counts.items()}
+    sample = next((m["content"] for m in val[0] if m["role"] == "user"), "Hello!")
+    _save_packed(entry, arrays, {**meta, "validation": how, "sample_prompt": sample})
+    return arrays
 
 
 def _load_packed(entry: Path):

@@ -8,10 +8,12 @@ Prepare ahead (the same flags as run_train.py; a tqdm bar in tokens, resumable):
 
     python data.py [--preset NAME] [--FIELD VALUE ...]
 
-This module owns the entry point (`prepare_data`, with its offline fallback for the hub
-defaults), which tokenizer a run uses and where it is cached, the train/val split and the batch
-iterators. Where text comes from is sources.py; how tokenizers are built, loaded and applied is
-tokenizer.py; the token cache, streamed and resumable, is token_cache.py.
+This module orchestrates: `prepare_data` (with its offline fallback for the hub defaults) calls the
+modules below in one pass, each with the settings it takes from the TrainConfig, and each returns:
+sources.py gives the source (rows and documents), tokenizer.py the tokenizer (built, loaded or from
+the cache), token_cache.py the tokens, streamed and resumable, and conversations.py the rendered and
+packed conversations. None of them imports this module. Here too: the train/val split of text
+tokens and the batch iterators.
 
 Cache layout (`cache_dir`):
     tokenizers/<name>-<hash>/       built/trained tokenizers and copies of hub tokenizers
@@ -19,6 +21,8 @@ Cache layout (`cache_dir`):
     tokens/<name>-<hash>.json       metadata, written last: an entry without it is never used
     tokens/<name>-<hash>.partial/   an unfinished entry and its progress record (token_cache.py)
     hf/                             the `datasets` library's lock files (sources are streamed, never copied)
+    conversations/<hash>/           packed conversation windows (.npy), meta.json written last (conversations.py)
+    conversations/hub/<id>          whether a hub dataset holds conversations or text, remembered
 A hub run that was cached once needs no network again; delete cache_dir to refresh.
 
 torchrun: no rank tokenizes. Under a process group of more than one process, prepare_data only
@@ -29,14 +33,8 @@ own windows (BatchIterator).
 """
 
 import dataclasses
-import hashlib
-import itertools
-import json
-import os
 import shlex
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +42,13 @@ import numpy as np
 
 from common import batch_to_device, world_info
 from config import TrainConfig
-from conversations import is_conversation_data, prepare_conversations
-from sources import SHAKESPEARE, DataError, HubUnreachable, closing, looks_like_path, open_source, require_hub
-from token_cache import NotPrepared, cached_tokens, held_out, not_prepared, slug  # noqa: F401 (NotPrepared: for run_train)
-from tokenizer import build_tokenizer, decode, load_hub_tokenizer, load_tokenizer, parse_builtin, save_tokenizer, with_eos
+from conversations import ConversationSettings, is_conversation_data, open_conversations, prepare_conversations
+from sources import SHAKESPEARE, DataError, HubUnreachable, looks_like_path, open_source
+from token_cache import CacheSettings, NotPrepared, cached_tokens  # noqa: F401 (NotPrepared: for run_train)
+from tokenizer import decode, get_tokenizer, load_tokenizer, parse_builtin  # noqa: F401 (load_tokenizer: for callers)
 
 DEFAULT_DATASET = TrainConfig.dataset
 DEFAULT_TOKENIZER = TrainConfig.tokenizer
-TOKENIZER_TRAIN_CHARS = 50_000_000  # char/bpe vocabularies are built from at most this much text
 
 
 @dataclass
@@ -107,13 +104,16 @@ def _prepare(dataset, tok_spec, cfg, max_seq_len, rank, progress=False):
         raise DataError(f"max_tokens {cfg.max_tokens:,} cannot hold a training window and a validation window of "
                         f"max_seq_len + 1 = {window:,} tokens each; use --max_tokens {2 * window:,} or more, or a "
                         f"smaller max_seq_len")
-    if is_conversation_data(dataset, cfg):
-        cfg = dataclasses.replace(cfg, dataset=dataset)
-        return prepare_conversations(cfg, max_seq_len, lambda source: _get_tokenizer(tok_spec, source, cfg, rank), rank,
-                                     _prepared_only())
-    source = open_source(dataset, cfg)
-    tokenizer, tok_name = _get_tokenizer(tok_spec, source, cfg, rank)
-    tokens, meta = cached_tokens(source, tokenizer, tok_name, cfg, rank, progress, _prepared_only())
+    prepared_only = world_info()[1] > 1  # under torchrun no rank tokenizes: the cache must be there
+    if is_conversation_data(dataset, cfg.cache_dir, cfg.text_column):
+        chats = open_conversations(dataset, _settings(ConversationSettings, cfg))
+        tokenizer, tok_name = get_tokenizer(tok_spec, chats.text_source(), cfg.cache_dir, cfg.val_fraction, rank,
+                                            prepared_only)
+        return prepare_conversations(chats, tokenizer, tok_name, max_seq_len, rank, prepared_only)
+    source = open_source(dataset, cfg.cache_dir, cfg.text_column)
+    tokenizer, tok_name = get_tokenizer(tok_spec, source, cfg.cache_dir, cfg.val_fraction, rank, prepared_only)
+    tokens, meta = cached_tokens(source, tokenizer, tok_name, _settings(CacheSettings, cfg), rank, progress,
+                                 prepared_only)
     train, val = _split(tokens, meta, window, cfg.val_fraction)
     val_source = _describe_validation(meta, cfg.val_fraction, len(val))
     if rank == 0:
@@ -124,95 +124,14 @@ def _prepare(dataset, tok_spec, cfg, max_seq_len, rank, progress=False):
                 sample_prompt="ROMEO:" if dataset == SHAKESPEARE else _prompt_from(tokenizer, tokens, len(train), eos))
 
 
-def _prepared_only():
-    """Under torchrun (a process group of more than one) no rank tokenizes: the cache must be there."""
-    return world_info()[1] > 1
+def _settings(kind, cfg):
+    """The settings a module below takes (a dataclass `kind`), from the TrainConfig fields of the same names."""
+    return kind(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(kind)})
 
 
 def _is_hub_id(kind, name):
     builtin = name == SHAKESPEARE if kind == "dataset" else parse_builtin(name) is not None
     return not builtin and not Path(name).expanduser().exists() and not looks_like_path(name)
-
-
-# ----------------------------------------------------------------------------- which tokenizer
-
-def _get_tokenizer(spec, source, cfg, rank):
-    """-> (tokenizer, description). Built and hub tokenizers are cached in cache_dir, and are
-    always returned as loaded from there, so a first and a second run hash the same. A tokenizer
-    object (an --init_from model's) is used as it is."""
-    if not isinstance(spec, str):
-        return with_eos(spec), f"tokenizer {spec.name_or_path}"
-    builtin = parse_builtin(spec)
-    path = Path(spec).expanduser()
-    if builtin is None and path.exists():
-        return with_eos(load_tokenizer(path)), f"tokenizer {path}"
-    if builtin is None and looks_like_path(spec):
-        raise DataError(f"tokenizer folder {spec!r} does not exist; pass a folder saved with save_pretrained, "
-                        f"'char', 'bpe[:N]' or a hub id")
-    if builtin is None:
-        key, name = ["hub", spec], spec
-    else:  # trained on the training side of this source, so keyed by it (and by how that side is chosen)
-        key = [spec, source.key, cfg.val_fraction, TOKENIZER_TRAIN_CHARS, "held out as they stream"]
-        name = "char" if builtin[0] == "char" else f"bpe:{builtin[1]}"
-    folder = Path(cfg.cache_dir, "tokenizers", f"{slug(name)}-{_hash(key)}")
-    if not (folder / "tokenizer.json").exists():
-        if _prepared_only():
-            if builtin is None or source.hub:
-                require_hub()  # unreachable: prepare_data falls back, as `python data.py` did
-            raise not_prepared(f"the {name} tokenizer for {source.name} and its tokens", cfg.cache_dir)
-        if builtin is None:
-            tokenizer = load_hub_tokenizer(spec)
-        else:
-            if rank == 0:
-                print(f"data: building the {name} tokenizer on {source.name}")
-            with closing(_tokenizer_text(source, cfg.val_fraction)) as texts:
-                first = next(texts, None)
-                if first is None:
-                    raise DataError(f"{source.name} has no text to build the {name} tokenizer from; check the source")
-                tokenizer = build_tokenizer(*builtin, itertools.chain([first], texts))
-        _save_atomic(tokenizer, folder)
-    tokenizer = load_tokenizer(folder)
-    if builtin and builtin[0] == "char":
-        name = f"char ({len(tokenizer) - 2} symbols)"
-    elif builtin and len(tokenizer) < builtin[1] and rank == 0:  # said on every run: the spec still asks for more
-        print(f"data: {name} stopped at {len(tokenizer):,} tokens: the training text has no more merges to learn; "
-              f"the vocabulary is {len(tokenizer):,} (more text would give more)")
-    return tokenizer, name
-
-
-def _tokenizer_text(source, val_fraction):
-    """A bounded sample of the training side of the source, streamed: its first TOKENIZER_TRAIN_CHARS
-    characters, skipping the documents that validate (token_cache.held_out). For a single text, at
-    most its first 1 - val_fraction (its tail validates)."""
-    train, val = source.splits()
-    budget = TOKENIZER_TRAIN_CHARS
-    if source.single_text and source.chars:
-        budget = min(budget, int(source.chars * (1 - val_fraction)))
-    for i, pieces in enumerate(source.documents(train)):
-        if val is None and not source.single_text and held_out(i, val_fraction):
-            continue
-        for piece in pieces:
-            yield piece[:budget]
-            budget -= len(piece)
-            if budget <= 0:
-                return
-
-
-def _save_atomic(tokenizer, folder):
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
-        save_tokenizer(tokenizer, tmp)
-        os.replace(tmp, folder)
-    except OSError:  # another process got there first with the same files
-        if not (folder / "tokenizer.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _hash(obj):
-    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- split

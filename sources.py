@@ -1,6 +1,6 @@
 """Blueberry text sources: where the training text comes from, read as a stream of documents.
 
-    source = open_source(train_cfg.dataset, train_cfg)       # nothing is read yet
+    source = open_source(dataset, cache_dir, text_column)    # nothing is read yet
     train, val = source.splits()                              # split names; val is None without a validation split
     with closing(source.iter_rows(train, columns=["messages"])) as rows:  # dicts, streamed (table and hub data)
         for row in rows: ...
@@ -163,23 +163,24 @@ def closing(stream):
         gc.collect()
 
 
-def open_source(dataset, cfg):
-    """`dataset` (a hub id, a local path or "shakespeare") -> its Source; nothing is read yet."""
+def open_source(dataset, cache_dir, text_column="text"):
+    """`dataset` (a hub id, a local path or "shakespeare") -> its Source; nothing is read yet. `cache_dir`
+    holds the `datasets` library's lock files; `text_column` is the column a table's text is in."""
     if dataset == SHAKESPEARE:
         return _shakespeare_source()
     path = Path(dataset).expanduser()
     if path.exists():
-        return _local_source(path, cfg)
+        return _local_source(path, cache_dir, text_column)
     if looks_like_path(dataset):
         raise DataError(f"dataset path {dataset!r} does not exist; pass an existing file or folder, "
                         f"'shakespeare', or a hub id like owner/name")
-    return _hub_source(dataset, cfg)
+    return _hub_source(dataset, cache_dir, text_column)
 
 
-def iter_rows(dataset, cfg, split="train", columns=None):
+def iter_rows(dataset, cache_dir, split="train", columns=None):
     """The rows of `split` of `dataset` (a hub id or a local table file or folder) as dicts, streamed:
-    open_source(dataset, cfg).iter_rows(split, columns). See Source.iter_rows."""
-    return open_source(dataset, cfg).iter_rows(split, columns)
+    open_source(dataset, cache_dir).iter_rows(split, columns). See Source.iter_rows."""
+    return open_source(dataset, cache_dir).iter_rows(split, columns)
 
 
 # ----------------------------------------------------------------------------- the embedded corpus
@@ -226,7 +227,7 @@ def clean_play(markdown):
 
 # ----------------------------------------------------------------------------- local files
 
-def _local_source(path, cfg):
+def _local_source(path, cache_dir, text_column):
     if path.is_dir():
         splits = _folder_splits(path)
     elif path.suffix.lower() in SUFFIXES:
@@ -244,12 +245,12 @@ def _local_source(path, cfg):
     stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     val = next((s for s in VAL_SPLITS if s in splits), None)
     name = f"{path.name} ({len(files)} file{'s' * (len(files) > 1)})"
-    key = json.dumps([stamps, cfg.text_column])
+    key = json.dumps([stamps, text_column])
     if kind != "txt":
         def builder():
             data_files = {split: [str(f) for f in fs] for split, fs in splits.items()}
-            return _datasets().load_dataset_builder(kind, data_files=data_files, cache_dir=str(Path(cfg.cache_dir, "hf")))
-        return _streamed_source(name, key, builder, cfg.text_column, hub=False, splits=("train", val))
+            return _datasets().load_dataset_builder(kind, data_files=data_files, cache_dir=str(Path(cache_dir, "hf")))
+        return _streamed_source(name, key, builder, text_column, hub=False, splits=("train", val))
     chars = sum(f.stat().st_size for f in splits["train"])  # bytes: chars for ASCII, an upper bound otherwise
 
     def shards(split):  # a .txt file is one document
@@ -303,16 +304,16 @@ def _pieces(text):
 
 # ----------------------------------------------------------------------------- streamed tables (hub and local)
 
-def _hub_source(name, cfg):
+def _hub_source(name, cache_dir, text_column):
     def builder():
         require_hub()
         try:
-            return _datasets().load_dataset_builder(name, cache_dir=str(Path(cfg.cache_dir, "hf")))
+            return _datasets().load_dataset_builder(name, cache_dir=str(Path(cache_dir, "hf")))
         except Exception as e:
             raise DataError(f"could not load hub dataset {name!r} ({first_line(e)}); check the id, "
                             f"or pass a local path or 'shakespeare'") from e
 
-    return _streamed_source(name, json.dumps(["hub", name, cfg.text_column]), builder, cfg.text_column, hub=True)
+    return _streamed_source(name, json.dumps(["hub", name, text_column]), builder, text_column, hub=True)
 
 
 def _streamed_source(name, key, make_builder, column, hub, splits=None):

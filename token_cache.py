@@ -1,6 +1,7 @@
 """Blueberry token cache: a source's documents tokenized into one flat file as they stream in.
 
-    tokens, meta = cached_tokens(source, tokenizer, tok_name, cfg, rank=0, progress=True)
+    settings = CacheSettings(cache_dir, max_tokens, val_fraction, text_column)
+    tokens, meta = cached_tokens(source, tokenizer, tok_name, settings, rank=0, progress=True)
 
 An entry is tokens/<name>-<hash>.bin (token ids, uint16 when the vocabulary fits, else uint32: the
 training part, then the validation part) and tokens/<name>-<hash>.json (its metadata, written last:
@@ -37,6 +38,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,15 @@ from sources import DataError, ReadError, closing, require_hub
 
 BATCH_CHARS = 1 << 20  # ~1M chars (64+ pieces for all cores) per encode_batch call: ~25 MB of encodings and ids
 CACHE_VERSION = 3  # bump when the cache format or tokenization changes
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What the token cache takes of a run's settings (the TrainConfig fields of the same names)."""
+    cache_dir: str
+    max_tokens: int  # 0 = the whole source
+    val_fraction: float
+    text_column: str  # only to name it when a source has no text
 
 
 class NotPrepared(DataError):
@@ -71,26 +82,31 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "-", text.split(" (")[0].split("/")[-1]).strip("-")[:40] or "x"
 
 
-def entry_stem(source, tokenizer, tok_name, cfg):
-    """tokens/<name>-<hash>: the entry's path without suffix, keyed by the source, the tokenizer and the limits."""
+def digest(key, length=12):
+    """A cache entry's name from what it depends on (a JSON-able list): equal keys, equal names."""
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:length]
+
+
+def entry_stem(source, tokenizer, tok_name, settings):
+    """tokens/<name>-<hash>: the entry's path without suffix, keyed by the source, the tokenizer and the
+    limits (`settings`: CacheSettings)."""
     fingerprint = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-    key = [CACHE_VERSION, source.key, fingerprint, tokenizer.eos_token_id, cfg.max_tokens, cfg.val_fraction]
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
-    return Path(cfg.cache_dir, "tokens", f"{slug(source.name)}-{slug(tok_name)}-{digest}")
+    key = [CACHE_VERSION, source.key, fingerprint, tokenizer.eos_token_id, settings.max_tokens, settings.val_fraction]
+    return Path(settings.cache_dir, "tokens", f"{slug(source.name)}-{slug(tok_name)}-{digest(key)}")
 
 
-def cached_tokens(source, tokenizer, tok_name, cfg, rank=0, progress=False, prepared_only=False):
+def cached_tokens(source, tokenizer, tok_name, settings, rank=0, progress=False, prepared_only=False):
     """-> (read-only memmap of every token, metadata): a complete entry, else one built now (or, with
-    `prepared_only`, NotPrepared: under torchrun no rank tokenizes)."""
-    stem = entry_stem(source, tokenizer, tok_name, cfg)
+    `prepared_only`, NotPrepared: under torchrun no rank tokenizes). `settings`: CacheSettings."""
+    stem = entry_stem(source, tokenizer, tok_name, settings)
     bin_path, meta_path = stem.with_suffix(".bin"), stem.with_suffix(".json")
     meta = read_meta(bin_path, meta_path)
     if meta is None:
         if prepared_only:
             if source.hub:
                 require_hub()  # unreachable: the caller falls back as `python data.py` did
-            raise not_prepared(f"the tokens of {source.name} + {tok_name}", cfg.cache_dir)
-        meta = _build(source, tokenizer, cfg, stem, rank, progress)
+            raise not_prepared(f"the tokens of {source.name} + {tok_name}", settings.cache_dir)
+        meta = _build(source, tokenizer, settings, stem, rank, progress)
     return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), meta
 
 
@@ -106,19 +122,19 @@ def read_meta(bin_path, meta_path):
 
 # ----------------------------------------------------------------------------- building an entry
 
-def _plan(source, cfg):
+def _plan(source, settings):
     """-> (how, parts): how the split is made, and the streams to read in order, each
     (split name, cap on its tokens or 0, whether its documents validate: True, False or "held_out")."""
     train, val = source.splits()
-    cap = cfg.max_tokens
+    cap = settings.max_tokens
     if val is not None:  # a cap gives the validation split its share
-        val_cap = math.ceil(cap * cfg.val_fraction) if cap else 0
+        val_cap = math.ceil(cap * settings.val_fraction) if cap else 0
         return "own", [(train, cap - val_cap if cap else 0, False), (val, val_cap, True)]
     return ("tokens" if source.single_text else "held_out"), [(train, cap, False if source.single_text else "held_out")]
 
 
-def _build(source, tokenizer, cfg, stem, rank, progress):
-    how, parts = _plan(source, cfg)
+def _build(source, tokenizer, settings, stem, rank, progress):
+    how, parts = _plan(source, settings)
     dtype = np.dtype(np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32)
     partial = stem.with_suffix(".partial")
     encode, eos = _encoder(tokenizer), tokenizer.eos_token_id
@@ -127,13 +143,14 @@ def _build(source, tokenizer, cfg, stem, rank, progress):
     if rank == 0:  # before the bar: tqdm owns the line it draws on
         print(f"data: tokenizing {source.name}" + (f", resuming at {done_before:,} tokens" if done_before else ""))
     start = time.time()
-    bar = tqdm(total=cfg.max_tokens or None, initial=done_before, unit="tok", unit_scale=True, desc="tokenize",
+    bar = tqdm(total=settings.max_tokens or None, initial=done_before, unit="tok", unit_scale=True, desc="tokenize",
                dynamic_ncols=True, disable=not (progress and rank == 0))
     try:
         with bar, _Entry(partial, dtype, state, bar) as entry:
             for p in range(state["pos"][0], len(parts)):
                 split, cap, validates = parts[p]
-                with closing(_batches(source.shards(split), entry.start_of(p), validates, cfg.val_fraction)) as batches:
+                batches = _batches(source.shards(split), entry.start_of(p), validates, settings.val_fraction)
+                with closing(batches):
                     entry.stream(batches, encode, eos, cap, validates)
             state = entry.finish()
     except DataError as e:
@@ -143,12 +160,12 @@ def _build(source, tokenizer, cfg, stem, rank, progress):
     n_tokens = state["n_train"] + state["n_val"]
     if n_tokens == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        raise DataError(f"{source.name} has no text (column {cfg.text_column!r}); check the source")
+        raise DataError(f"{source.name} has no text (column {settings.text_column!r}); check the source")
     meta = dict(n_tokens=n_tokens, n_train=state["n_train"], split=how, docs=state["docs"], val_docs=state["val_docs"],
                 val_split=parts[1][0] if how == "own" else None, dtype=dtype.name, source=source.name,
-                max_tokens=cfg.max_tokens, version=CACHE_VERSION)
+                max_tokens=settings.max_tokens, version=CACHE_VERSION)
     if how == "tokens":
-        meta["n_train"] = round(n_tokens * (1 - cfg.val_fraction))
+        meta["n_train"] = round(n_tokens * (1 - settings.val_fraction))
     (partial / "train.bin").replace(stem.with_suffix(".bin"))
     # last: the metadata marks the entry complete
     atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))

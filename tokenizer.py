@@ -1,7 +1,8 @@
 """Blueberry tokenizers: building char and byte-level BPE vocabularies, loading hub and saved
 tokenizers, encode / decode, the end-of-text token (EOS) every document ends with, and the chat
-format (`add_chat_format`, `render_conversation`).
+format (`add_chat_format`, `render_conversation`), and which tokenizer a run uses (`get_tokenizer`).
 
+    tokenizer, name = get_tokenizer("bpe:4096", source, cache_dir, val_fraction)   # what data.prepare_data does
     tokenizer = load_tokenizer("out/tokenizer")
     ids = encode(tokenizer, "ROMEO:")
     text = decode(tokenizer, ids)
@@ -10,18 +11,25 @@ Specs (`TrainConfig.tokenizer`): "char" (one token per character of the training
 EOS and UNK), "bpe" / "bpe:N" (byte-level BPE with a vocabulary of N, trained with the
 `tokenizers` library), or a hub id / local folder, loaded with AutoTokenizer. Every kind is a
 transformers fast tokenizer, so `save_tokenizer` / `load_tokenizer` work the same for all.
-Which spec a run uses, what text a vocabulary is built from and where it is cached is data.py's.
+A char or BPE vocabulary is learnt from the training side of the run's source, and built and hub
+tokenizers are cached in cache_dir/tokenizers/<name>-<hash>/ (data.py lists the whole cache layout).
 """
 
+import itertools
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from common import first_line
-from sources import DataError, require_hub
+from sources import DataError, closing, looks_like_path, require_hub
+from token_cache import digest, held_out, not_prepared, slug
 
 EOS = "<|endoftext|>"
 UNK = "<|unk|>"  # char vocabularies only: a prompt may hold a character the training text lacks
 DEFAULT_BPE_VOCAB = 8192  # ~3.2 chars/token on Shakespeare; a small embedding for a few MB of text
+TOKENIZER_TRAIN_CHARS = 50_000_000  # char/bpe vocabularies are built from at most this much text
 
 
 def parse_builtin(spec):
@@ -110,6 +118,94 @@ def encode(tokenizer, text):
 def decode(tokenizer, ids):
     """Token ids -> text; special tokens (EOS) are dropped, spacing is left exactly as encoded."""
     return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------- which tokenizer a run uses
+
+def get_tokenizer(spec, source, cache_dir, val_fraction, rank=0, prepared_only=False):
+    """-> (tokenizer, description) for `spec` (TrainConfig.tokenizer) and the run's `source` (a sources.Source).
+
+    A tokenizer object (an --init_from model's) is used as it is, a local folder is loaded; built and hub
+    tokenizers are cached in cache_dir and always returned as loaded from there, so a first and a second run
+    hash the same. With `prepared_only` (under torchrun, where no rank builds) a tokenizer that is not in the
+    cache is NotPrepared."""
+    if not isinstance(spec, str):
+        return with_eos(spec), f"tokenizer {spec.name_or_path}"
+    builtin = parse_builtin(spec)
+    path = Path(spec).expanduser()
+    if builtin is None and path.exists():
+        return with_eos(load_tokenizer(path)), f"tokenizer {path}"
+    if builtin is None and looks_like_path(spec):
+        raise DataError(f"tokenizer folder {spec!r} does not exist; pass a folder saved with save_pretrained, "
+                        f"'char', 'bpe[:N]' or a hub id")
+    name, folder = _cache_folder(spec, builtin, source, cache_dir, val_fraction)
+    if not (folder / "tokenizer.json").exists():
+        if prepared_only:
+            if builtin is None or source.hub:
+                require_hub()  # unreachable: data.prepare_data falls back, as `python data.py` did
+            raise not_prepared(f"the {name} tokenizer for {source.name} and its tokens", cache_dir)
+        _save_atomic(_new_tokenizer(spec, builtin, name, source, val_fraction, rank), folder)
+    tokenizer = load_tokenizer(folder)
+    if builtin and builtin[0] == "char":
+        name = f"char ({len(tokenizer) - 2} symbols)"
+    elif builtin and len(tokenizer) < builtin[1] and rank == 0:  # said on every run: the spec still asks for more
+        print(f"data: {name} stopped at {len(tokenizer):,} tokens: the training text has no more merges to learn; "
+              f"the vocabulary is {len(tokenizer):,} (more text would give more)")
+    return tokenizer, name
+
+
+def _cache_folder(spec, builtin, source, cache_dir, val_fraction):
+    """-> (name, folder) of a built or hub tokenizer in the cache (the layout that existing caches have)."""
+    if builtin is None:
+        key, name = ["hub", spec], spec
+    else:  # trained on the training side of this source, so keyed by it (and by how that side is chosen)
+        key = [spec, source.key, val_fraction, TOKENIZER_TRAIN_CHARS, "held out as they stream"]
+        name = "char" if builtin[0] == "char" else f"bpe:{builtin[1]}"
+    return name, Path(cache_dir, "tokenizers", f"{slug(name)}-{digest(key)}")
+
+
+def _new_tokenizer(spec, builtin, name, source, val_fraction, rank):
+    """A hub tokenizer fetched, or a char / BPE vocabulary (`builtin`, from parse_builtin) learnt from `source`."""
+    if builtin is None:
+        return load_hub_tokenizer(spec)
+    if rank == 0:
+        print(f"data: building the {name} tokenizer on {source.name}")
+    with closing(_tokenizer_text(source, val_fraction)) as texts:
+        first = next(texts, None)
+        if first is None:
+            raise DataError(f"{source.name} has no text to build the {name} tokenizer from; check the source")
+        return build_tokenizer(*builtin, itertools.chain([first], texts))
+
+
+def _tokenizer_text(source, val_fraction):
+    """A bounded sample of the training side of the source, streamed: its first TOKENIZER_TRAIN_CHARS
+    characters, skipping the documents that validate (token_cache.held_out). For a single text, at
+    most its first 1 - val_fraction (its tail validates)."""
+    train, val = source.splits()
+    budget = TOKENIZER_TRAIN_CHARS
+    if source.single_text and source.chars:
+        budget = min(budget, int(source.chars * (1 - val_fraction)))
+    for i, pieces in enumerate(source.documents(train)):
+        if val is None and not source.single_text and held_out(i, val_fraction):
+            continue
+        for piece in pieces:
+            yield piece[:budget]
+            budget -= len(piece)
+            if budget <= 0:
+                return
+
+
+def _save_atomic(tokenizer, folder):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        save_tokenizer(tokenizer, tmp)
+        os.replace(tmp, folder)
+    except OSError:  # another process got there first with the same files
+        if not (folder / "tokenizer.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the chat format

@@ -75,7 +75,7 @@ def test_cache_is_reused_without_tokenizing(tmp_path, monkeypatch):
         raise AssertionError("re-tokenized although the cache was complete")
 
     monkeypatch.setattr(token_cache, "_build", fail)
-    monkeypatch.setattr(data, "build_tokenizer", fail)
+    monkeypatch.setattr("tokenizer.build_tokenizer", fail)  # where the tokenizer is chosen and built
     start = time.perf_counter()
     second = prepare_data(cfg, max_seq_len=32)
     assert time.perf_counter() - start < 1.0

@@ -119,11 +119,11 @@ def test_iter_rows_streams_the_rows_of_a_split(tmp_path, suffix):
         else:
             pd.DataFrame(rows).to_parquet(path)
     cfg = make_cfg(tmp_path, folder)
-    source = sources.open_source(str(folder), cfg)
+    source = sources.open_source(str(folder), cfg.cache_dir, cfg.text_column)
     assert source.splits() == ("train", "validation")
     assert list(source.iter_rows("train", columns=["messages"])) == \
         [{"messages": r["messages"]} for r in parts["train-00000"] + parts["train-00001"]]
-    assert list(sources.iter_rows(str(folder), cfg, "validation")) == parts["validation"]
+    assert list(sources.iter_rows(str(folder), cfg.cache_dir, "validation")) == parts["validation"]
     with pytest.raises(sources.DataError) as e:
         list(source.iter_rows("train", columns=["conversation"]))
     assert "no column 'conversation'" in str(e.value) and f"train-00000{suffix}" in str(e.value)
