@@ -90,7 +90,8 @@ class Conversations:
     which is only where a cache misses."""
 
     def __init__(self, dataset: str, settings: ConversationSettings, name: str, key, read):
-        self.builtin = dataset == ARITHMETIC
+        self.difficulty = builtin_difficulty(dataset)  # the built-in set's, or None
+        self.builtin = self.difficulty is not None
         self.settings, self.name, self.key, self._read, self._split = settings, name, key, read, None
 
     def split(self) -> tuple:
@@ -108,23 +109,24 @@ class Conversations:
 
 
 def open_conversations(dataset: str, settings: ConversationSettings) -> Conversations:
-    """`dataset` (`arithmetic`, or a local or hub table with a `messages` column) -> its Conversations. Table
-    rows stream from the source (sources.py). The arithmetic set's val rows are held-out problems, which also
-    serve the answer accuracy."""
-    s = settings
-    if dataset == ARITHMETIC:
-        name = "arithmetic (built-in)"
+    """`dataset` (`arithmetic`, or a local or hub table with a `messages` column) -> its Conversations. Rows are
+    (where, row) pairs, `where` as a user finds the row; table rows stream from the source (sources.py). The
+    arithmetic set's val rows are held-out problems, which also serve the answer accuracy."""
+    s, difficulty = settings, builtin_difficulty(dataset)
+    if difficulty:
+        name = "arithmetic (built-in)" if difficulty == "basic" else f"arithmetic (built-in, {difficulty})"
 
         def problems():
-            return (arithmetic.problems(ARITHMETIC_TRAIN, s.seed, held_out=False),
-                    arithmetic.problems(ARITHMETIC_VAL, s.seed + 1, held_out=True))
-        return Conversations(dataset, s, name, [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, s.seed], problems)
+            return (_numbered(arithmetic.problems(ARITHMETIC_TRAIN, s.seed, False, difficulty), f"{name}, train"),
+                    _numbered(arithmetic.problems(ARITHMETIC_VAL, s.seed + 1, True, difficulty), f"{name}, validation"))
+        key = [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, s.seed] + ([difficulty] if difficulty != "basic" else [])
+        return Conversations(dataset, s, name, key, problems)
     source = open_source(dataset, s.cache_dir, s.text_column)
 
     def read():
         train, val = source.splits()
-        return (source.iter_rows(train, ["messages"]),
-                source.iter_rows(val, ["messages"]) if val else None)
+        return (source.numbered_rows(train, ["messages"]),
+                source.numbered_rows(val, ["messages"]) if val else None)
 
     return Conversations(dataset, s, source.name, source.key, read)
 
@@ -133,7 +135,7 @@ def is_conversation_data(dataset: str, cache_dir: str, text_column: str = "text"
     """Does `dataset` hold conversations (a `messages` column) rather than text? Judged from its first row. What a
     hub dataset holds is remembered in cache_dir, so that a second run needs no network; offline, a hub dataset
     not seen before counts as text (whose path then says the hub cannot be reached)."""
-    if dataset == ARITHMETIC:
+    if builtin_difficulty(dataset):
         return True
     path = Path(dataset).expanduser()
     if path.exists() and not (path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet")):
@@ -155,22 +157,36 @@ def is_conversation_data(dataset: str, cache_dir: str, text_column: str = "text"
     return found
 
 
-def _checked(rows, name: str, thinking: bool, split: str):
-    for i, row in enumerate(rows):
+def builtin_difficulty(dataset: str) -> str | None:
+    """The built-in set's difficulty (`arithmetic` or `arithmetic:NAME`), or None for other data; a one-line
+    DataError for a difficulty that does not exist."""
+    try:
+        return arithmetic.difficulty_of(dataset)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def _numbered(rows, label: str):
+    """Rows as (where, row) pairs, counted from 1 as a user counts them."""
+    return ((f"{label} row {i}", row) for i, row in enumerate(rows, 1))
+
+
+def _checked(rows, thinking: bool):
+    """The conversations of (where, row) pairs, each checked (check_messages)."""
+    for where, row in rows:
         if "messages" not in row:
-            raise DataError(f"{name}: row {i} of {split} has no 'messages' column ({', '.join(row)}); "
-                            f"conversation data needs one")
-        yield check_messages(row["messages"], f"{name}, {split} row {i}", thinking)
+            raise DataError(f"{where} has no 'messages' column ({', '.join(row)}); conversation data needs one")
+        yield check_messages(row["messages"], where, thinking)
 
 
 def _read_split(read, name: str, builtin: bool, settings: ConversationSettings) -> tuple:
     """(train conversations, val conversations, how validation was chosen), every row checked."""
     train_rows, val_rows = read()
-    train = list(_checked(train_rows, name, settings.thinking, "train"))
+    train = list(_checked(train_rows, settings.thinking))
     if builtin:
-        return train, list(_checked(val_rows, name, settings.thinking, "validation")), "held-out problems, never in training"
+        return train, list(_checked(val_rows, settings.thinking)), "held-out problems, never in training"
     if val_rows is not None:
-        return train, list(_checked(val_rows, name, settings.thinking, "validation")), "the source's own validation split"
+        return train, list(_checked(val_rows, settings.thinking)), "the source's own validation split"
     k = min(max(1, round(len(train) * settings.val_fraction)), len(train) - 1)
     if len(train) < 2:
         raise DataError(f"{name} has {len(train)} conversation(s): too few to hold some out for validation")
@@ -301,7 +317,7 @@ def prepare_conversations(chats: Conversations, tokenizer, tok_name: str, max_se
     val_source = (f"{meta['validation']} ({meta['val_packed']:,} conversations, "
                   f"{int(arrays['val_mask'].sum()):,} assistant tokens)")
     say(f"data: validation: {val_source}")
-    answer_rows = arithmetic.problems(s.eval_answers, s.seed + 1, held_out=True) if chats.builtin else []
+    answer_rows = arithmetic.problems(s.eval_answers, s.seed + 1, True, chats.difficulty) if chats.builtin else []
     return ConversationData(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, vocab_size=len(tokenizer),
                             source=f"{chats.name} + {tok_name}{'' if s.thinking else ', answers only'}",
                             val_source=val_source, sample_prompt=meta["sample_prompt"], answer_rows=answer_rows, **arrays)

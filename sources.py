@@ -150,6 +150,14 @@ class Source:
         for shard in self.shards(split):
             yield from shard.rows(0, columns)
 
+    def numbered_rows(self, split, columns=None):
+        """iter_rows, each row with where a user finds it in their files: (where, row), `where` naming the file
+        and, counted from 1, the row's line (JSONL: one row a line, as an editor numbers them) or its row."""
+        for shard in self.shards(split):
+            unit = "line" if shard.name.lower().endswith(".jsonl") else "row"
+            for i, row in enumerate(shard.rows(0, columns), 1):
+                yield f"{shard.name}, {unit} {i}", row
+
 
 @contextlib.contextmanager
 def closing(stream):

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 import arithmetic
-from conftest import make_cfg, make_text, stand_in_hub
+from conftest import make_cfg, make_text, one_line_error, stand_in_hub
 from conversations import check_messages, pack
 from data import prepare_data
 from sources import DataError
@@ -181,8 +181,28 @@ def test_bad_rows_in_a_file_stop_the_run_with_one_line(tmp_path):
                                                 {"messages": [{"role": "wizard", "content": "hi"}]}])
     proc = run_script("run_train.py", "--dataset", path, "--tokenizer", "char", "--cache_dir", tmp_path / "cache",
                       "--out_dir", tmp_path / "out", "--max_steps", 2, timeout=120)
-    assert_one_line_error(proc, "row 1", "wizard")
+    assert_one_line_error(proc, "bad.jsonl, line 2", "wizard")  # the second line of the file
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_row_is_named_by_its_line_in_its_file(tmp_path):
+    """Lines counted from 1 in the file that holds the row, as an editor shows them (a JSONL error once named
+    the third line of the file "row 2"); a Parquet row by its row, also from 1."""
+    import pandas as pd
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    bad = {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    write_jsonl(tmp_path / "one.jsonl", [good, good, bad])
+    pd.DataFrame([good, good, bad]).to_parquet(tmp_path / "one.parquet")
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    write_jsonl(folder / "train-00000.jsonl", [good] * 3)
+    write_jsonl(folder / "train-00001.jsonl", [good, bad])
+    cases = [(tmp_path / "one.jsonl", "one.jsonl, line 3"), (tmp_path / "one.parquet", "one.parquet, row 3"),
+             (folder, "train-00001.jsonl, line 2")]
+    for dataset, where in cases:
+        with pytest.raises(DataError) as e:
+            prepare_data(make_cfg(tmp_path, dataset), max_seq_len=64)
+        one_line_error(e, where, "role 'wizard'")
 
 
 def test_a_tokenizer_folder_gets_the_chat_format(tmp_path):
