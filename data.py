@@ -115,7 +115,7 @@ def _prepare(dataset, tok_spec, cfg, max_seq_len, rank, progress=False):
     tokens, meta = cached_tokens(source, tokenizer, tok_name, _settings(CacheSettings, cfg), rank, progress,
                                  prepared_only)
     train, val = _split(tokens, meta, window, cfg.val_fraction)
-    val_source = _describe_validation(meta, cfg.val_fraction, len(val))
+    val_source = _describe_validation(meta, cfg.val_fraction, len(val), window)
     if rank == 0:
         print(f"data: validation: {val_source}")
     eos = tokenizer.eos_token_id
@@ -154,7 +154,7 @@ def _split(tokens, meta, window, val_fraction):
     return tokens[:cut], tokens[cut:]
 
 
-def _describe_validation(meta, val_fraction, n_val):
+def _describe_validation(meta, val_fraction, n_val, window):
     """Which text validates, in words, from a cache entry's metadata (so a reused entry says it too)."""
     pct, counts, n, n_train = f"{val_fraction * 100:g}%", f"{n_val:,} tokens", meta["n_tokens"], meta["n_train"]
     if meta["split"] == "own":
@@ -166,8 +166,9 @@ def _describe_validation(meta, val_fraction, n_val):
     if n_val == n - n_train:
         return f"{pct} of documents, held out as they stream ({meta['val_docs']:,} of {meta['docs']:,}, {counts})"
     grown = ", grown to hold one window" if n_val > round(n * val_fraction) else ""
-    return (f"the last {pct} of tokens ({counts}{grown}): the documents held out as they stream "
-            f"({meta['val_docs']:,} of {meta['docs']:,}) could not fill a window")
+    return (f"the last {pct} of tokens ({counts}{grown}): holding out {pct} of the documents gave "
+            f"{meta['val_docs']:,} of {meta['docs']:,} ({n - n_train:,} tokens), too few to fill one window of "
+            f"{window:,} tokens")
 
 
 def _prompt_from(tokenizer, tokens, cut, eos):
@@ -244,7 +245,8 @@ def main(argv=None):
         sys.stderr.write("interrupted: the same command continues where this one stopped\n")
         sys.exit(130)
     flags = shlex.join(argv)
-    print(f"data: ready: {d.source}, {len(d.train_tokens):,} train / {len(d.val_tokens):,} val tokens in "
+    # .size: conversations come as 2-D windows, whose len() counts windows, not tokens
+    print(f"data: ready: {d.source}, {d.train_tokens.size:,} train / {d.val_tokens.size:,} val tokens in "
           f"{train_cfg.cache_dir}; train with the same flags: python run_train.py {flags}")
 
 

@@ -146,6 +146,17 @@ def test_too_short_validation_part_grows_to_one_window(tmp_path):
     assert d.val_source.startswith("the last 1% of tokens (65 tokens, grown to hold one window): "), d.val_source
 
 
+def test_too_few_held_out_documents_are_said_in_plain_words(tmp_path):
+    """What was held out, and why it could not validate (it once read "the documents held out as they stream
+    (0 of 38) could not fill a window")."""
+    rows = [{"text": f"doc {i} is short\n"} for i in range(150)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = prepare_data(make_cfg(tmp_path, tmp_path / "a.jsonl"), max_seq_len=64)
+    held = len("doc 99 is short\n") + 1  # one token a character, and EOS: the one document in 100 held out
+    assert d.val_source.endswith(f": holding out 1% of the documents gave 1 of 150 ({held} tokens), too few to "
+                                 f"fill one window of 65 tokens"), d.val_source
+
+
 def test_validation_is_named_on_every_run(tmp_path, capsys):
     own, corpus = tmp_path / "own", tmp_path / "corpus"
     own.mkdir(), corpus.mkdir()
@@ -325,6 +336,17 @@ def test_under_torchrun_a_rank_only_reads_a_prepared_cache(tmp_path, monkeypatch
     prepared = prepare_data(cfg, max_seq_len=16)
     as_rank(1, 2)
     np.testing.assert_array_equal(prepare_data(cfg, max_seq_len=16).train_tokens, prepared.train_tokens)
+
+
+def test_data_py_counts_tokens_not_windows(tmp_path):
+    """Conversations come as packed windows (2-D): python data.py reports their tokens, as run_train.py does,
+    not the number of windows."""
+    proc = run_script("data.py", "--dataset", "arithmetic", "--tokenizer", "char", "--max_tokens", 5000,
+                      "--max_seq_len", 64, "--cache_dir", tmp_path / "cache", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    d = prepare_data(make_cfg(tmp_path, "arithmetic", max_tokens=5000), max_seq_len=64)  # the entry it wrote
+    assert d.train_tokens.ndim == 2 and d.train_tokens.size >= 5000
+    assert f" {d.train_tokens.size:,} train / {d.val_tokens.size:,} val tokens" in proc.stdout, proc.stdout
 
 
 def test_data_py_reports_bad_input_in_one_line_and_writes_nothing(tmp_path):
