@@ -6,34 +6,74 @@ turns carry short numbered steps in `thinking` and the bare answer in `content`.
                                       3. 7+8+1=16, carry 1
                                       4. 4+2+1=7
 
-Two kinds at graded difficulty (the level is the number of digits): addition of two level-digit
-numbers, and a level-digit number times one digit. Each step is one column, right to left, with its
-carry. About a tenth of all problems is held out (a fixed hash of the problem decides), so the
-problems that measure answer accuracy never appear in training, whatever the seed.
+Two kinds at graded difficulty (the level is the number of digits of the first number): addition,
+each step one column, right to left, with its carry; and multiplication. About a tenth of all
+problems is held out (a fixed hash of the problem decides), so the problems that measure answer
+accuracy never appear in training, whatever the seed.
+
+Difficulties (`--dataset arithmetic:NAME`; `arithmetic` is `arithmetic:basic`):
+    basic   two numbers of 1 to 5 digits added; a 1- to 5-digit number times one digit, column by column
+    hard    more digits, several operands, multi-digit products: three numbers of 3 to 7 digits added
+            (carries up to 2); a 2- to 4-digit number times a 2-digit one, one step per partial product
+            (347 * 25: 1. 347*5=1735, 2. 347*20=6940, 3. 1735+6940=8675), each done in one go
 """
 
 import random
 import zlib
+from dataclasses import dataclass
 
+BUILTIN = "arithmetic"
 KINDS = ("add", "mul")
-LEVELS = (1, 2, 3, 4, 5)
+LEVELS = (1, 2, 3, 4, 5)  # the basic difficulty's
 SYMBOL = {"add": "+", "mul": "*"}
 HELD_OUT = 10  # one problem in HELD_OUT is held out
 
 
-def answer(kind: str, a: int, b: int) -> int:
-    return a + b if kind == "add" else a * b
+@dataclass(frozen=True)
+class Difficulty:
+    add_levels: tuple  # digits of the numbers added
+    mul_levels: tuple  # digits of the number multiplied
+    operands: int  # numbers added
+    multiplier: int  # digits of the second factor (1: a digit from 2 to 9)
 
 
-def steps(kind: str, a: int, b: int) -> list:
-    """The column steps, right to left: the digits, the carry in, their result, and the carry out."""
+DIFFICULTIES = {"basic": Difficulty(LEVELS, LEVELS, operands=2, multiplier=1),
+                "hard": Difficulty((3, 4, 5, 6, 7), (2, 3, 4), operands=3, multiplier=2)}
+
+
+def difficulty_of(dataset: str) -> str | None:
+    """`arithmetic` -> "basic", `arithmetic:NAME` -> NAME, anything else (not the built-in set) -> None;
+    ValueError (one line) for a difficulty that does not exist."""
+    name, _, level = dataset.partition(":")
+    if name != BUILTIN:
+        return None
+    level = level or "basic"
+    if level not in DIFFICULTIES:
+        raise ValueError(f"dataset {dataset!r}: no such difficulty; use "
+                         f"{', '.join(f'{BUILTIN}:{d}' for d in DIFFICULTIES)}")
+    return level
+
+
+def answer(kind: str, *numbers: int) -> int:
+    if kind == "add":
+        return sum(numbers)
+    a, b = numbers
+    return a * b
+
+
+def steps(kind: str, *numbers: int) -> list:
+    """The steps, numbered: columns right to left with the digits, the carry in, their result and the carry
+    out (additions, and products by one digit), or one step per partial product and one for their sum."""
+    if kind == "mul" and numbers[1] >= 10:
+        return product_steps(*numbers)
     out, carry = [], 0
     if kind == "add":
-        da, db = str(a)[::-1], str(b)[::-1]
-        columns = [(f"{da[i] if i < len(da) else 0}+{db[i] if i < len(db) else 0}",
-                    int(da[i] if i < len(da) else 0) + int(db[i] if i < len(db) else 0))
-                   for i in range(max(len(da), len(db)))]
+        digits = [str(n)[::-1] for n in numbers]
+        width = max(map(len, digits))
+        columns = [("+".join(d[i] if i < len(d) else "0" for d in digits), sum(int(d[i]) for d in digits if i < len(d)))
+                   for i in range(width)]
     else:  # a times the single digit b
+        a, b = numbers
         columns = [(f"{d}*{b}", int(d) * b) for d in str(a)[::-1]]
     for i, (expr, value) in enumerate(columns):
         total = value + carry
@@ -43,31 +83,48 @@ def steps(kind: str, a: int, b: int) -> list:
     return out
 
 
-def is_held_out(kind: str, a: int, b: int) -> bool:
-    return zlib.crc32(f"{kind} {a} {b}".encode()) % HELD_OUT == 0
+def product_steps(a: int, b: int) -> list:
+    """a times a multi-digit b: a times each digit of b in its place, then the sum of those partial products."""
+    partials = [(f"{a}*{d}{'0' * i}", a * int(d) * 10 ** i) for i, d in enumerate(str(b)[::-1])]
+    lines = [f"{i + 1}. {expr}={value}" for i, (expr, value) in enumerate(partials)]
+    return lines + [f"{len(lines) + 1}. {'+'.join(str(v) for _, v in partials)}={a * b}"]
 
 
-def conversation(kind: str, a: int, b: int) -> dict:
+def is_held_out(kind: str, *numbers: int) -> bool:
+    return zlib.crc32(f"{kind} {' '.join(map(str, numbers))}".encode()) % HELD_OUT == 0
+
+
+def conversation(kind: str, *numbers: int) -> dict:
     """One problem as a conversation row: {"messages": [user, assistant]} plus what checking it needs."""
-    return {"messages": [{"role": "user", "content": f"What is {a} {SYMBOL[kind]} {b}?"},
-                         {"role": "assistant", "thinking": "\n".join(steps(kind, a, b)),
-                          "content": str(answer(kind, a, b))}],
-            "kind": kind, "level": len(str(a)), "answer": str(answer(kind, a, b))}
+    result = str(answer(kind, *numbers))
+    return {"messages": [{"role": "user", "content": f"What is {f' {SYMBOL[kind]} '.join(map(str, numbers))}?"},
+                         {"role": "assistant", "thinking": "\n".join(steps(kind, *numbers)), "content": result}],
+            "kind": kind, "level": len(str(numbers[0])), "answer": result}
 
 
-def problems(n: int, seed: int, held_out: bool) -> list:
+def draw(rng: random.Random, kind: str, level: int, difficulty: Difficulty) -> tuple:
+    """The numbers of one problem: `level` digits each (the second factor: difficulty.multiplier digits)."""
+    def number(digits):
+        return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
+    if kind == "add":
+        return tuple(number(level) for _ in range(difficulty.operands))
+    return number(level), rng.randint(2, 9) if difficulty.multiplier == 1 else number(difficulty.multiplier)
+
+
+def problems(n: int, seed: int, held_out: bool, difficulty: str = "basic") -> list:
     """n conversations, kinds and levels in turn (every level equally often), drawn with `seed` from the
     held-out problems or from the others. Levels too small to hold enough distinct problems repeat."""
-    rng = random.Random(seed)
+    rng, spec = random.Random(seed), DIFFICULTIES[difficulty]
+    levels = {"add": spec.add_levels, "mul": spec.mul_levels}
     out = []
     while len(out) < n:
-        kind, level = KINDS[len(out) % len(KINDS)], LEVELS[len(out) // len(KINDS) % len(LEVELS)]
+        kind = KINDS[len(out) % len(KINDS)]
+        level = levels[kind][len(out) // len(KINDS) % len(levels[kind])]
         while True:
-            a = rng.randint(10 ** (level - 1) if level > 1 else 0, 10 ** level - 1)
-            b = rng.randint(10 ** (level - 1) if level > 1 else 0, 10 ** level - 1) if kind == "add" else rng.randint(2, 9)
-            if is_held_out(kind, a, b) == held_out:
+            numbers = draw(rng, kind, level, spec)
+            if is_held_out(kind, *numbers) == held_out:
                 break
-        out.append(conversation(kind, a, b))
+        out.append(conversation(kind, *numbers))
     return out
 
 
