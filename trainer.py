@@ -159,17 +159,22 @@ def schedule(optimizers: list, progress: Progress, cfg) -> dict:
 
 # ----------------------------------------------------------------------------- one step
 
-def train_step(model, optimizers: list, batches, scaler, amp, cfg) -> tuple:
-    """One optimizer step over cfg.grad_accum_steps micro-batches, gradients reduced across ranks on the last
-    only. Returns (the step's mean loss, the gradient norm before clipping), both tensors on the device: reading
-    them is a host sync, which the loop does once per log line."""
+def train_step(model, optimizers: list, batches, scaler, amp, cfg, loss_fn=None) -> tuple:
+    """One optimizer step over micro-batches, gradients reduced across ranks on the last only: cfg.grad_accum_steps
+    of `batches.next_batch()`, each scored by the model's mean loss over their number; or, given `loss_fn(model,
+    micro_batch)` (run_rl.py), every micro-batch of the list `batches`, scored by loss_fn, whose values add up to
+    the step's loss. Returns (the step's loss, the gradient norm before clipping), both tensors on the device:
+    reading them is a host sync, which the loop does once per log line."""
+    if loss_fn is None:
+        n, source = cfg.grad_accum_steps, batches
+        micro_batches, loss_fn = (source.next_batch() for _ in range(n)), lambda m, batch: m(*batch)[1] / n
+    else:
+        n, micro_batches = len(batches), batches
     step_loss = 0.0
-    for micro in range(cfg.grad_accum_steps):
-        x, y = batches.next_batch()
-        with parallel.grad_sync(model, micro == cfg.grad_accum_steps - 1):
+    for micro, batch in enumerate(micro_batches):
+        with parallel.grad_sync(model, micro == n - 1):
             with amp:
-                _, loss = model(x, y)
-            loss = loss / cfg.grad_accum_steps
+                loss = loss_fn(model, batch)
             scaler.scale(loss).backward()
         step_loss += loss.detach()
     return step_loss, optimizer_step(model.parameters(), optimizers, scaler, cfg.grad_clip)
