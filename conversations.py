@@ -90,7 +90,8 @@ class Conversations:
     which is only where a cache misses."""
 
     def __init__(self, dataset: str, settings: ConversationSettings, name: str, key, read):
-        self.builtin = dataset == ARITHMETIC
+        self.difficulty = builtin_difficulty(dataset)  # the built-in set's, or None
+        self.builtin = self.difficulty is not None
         self.settings, self.name, self.key, self._read, self._split = settings, name, key, read, None
 
     def split(self) -> tuple:
@@ -111,14 +112,15 @@ def open_conversations(dataset: str, settings: ConversationSettings) -> Conversa
     """`dataset` (`arithmetic`, or a local or hub table with a `messages` column) -> its Conversations. Rows are
     (where, row) pairs, `where` as a user finds the row; table rows stream from the source (sources.py). The
     arithmetic set's val rows are held-out problems, which also serve the answer accuracy."""
-    s = settings
-    if dataset == ARITHMETIC:
-        name = "arithmetic (built-in)"
+    s, difficulty = settings, builtin_difficulty(dataset)
+    if difficulty:
+        name = "arithmetic (built-in)" if difficulty == "basic" else f"arithmetic (built-in, {difficulty})"
 
         def problems():
-            return (_numbered(arithmetic.problems(ARITHMETIC_TRAIN, s.seed, held_out=False), f"{name}, train"),
-                    _numbered(arithmetic.problems(ARITHMETIC_VAL, s.seed + 1, held_out=True), f"{name}, validation"))
-        return Conversations(dataset, s, name, [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, s.seed], problems)
+            return (_numbered(arithmetic.problems(ARITHMETIC_TRAIN, s.seed, False, difficulty), f"{name}, train"),
+                    _numbered(arithmetic.problems(ARITHMETIC_VAL, s.seed + 1, True, difficulty), f"{name}, validation"))
+        key = [ARITHMETIC, arithmetic.LEVELS, ARITHMETIC_TRAIN, s.seed] + ([difficulty] if difficulty != "basic" else [])
+        return Conversations(dataset, s, name, key, problems)
     source = open_source(dataset, s.cache_dir, s.text_column)
 
     def read():
@@ -133,7 +135,7 @@ def is_conversation_data(dataset: str, cache_dir: str, text_column: str = "text"
     """Does `dataset` hold conversations (a `messages` column) rather than text? Judged from its first row. What a
     hub dataset holds is remembered in cache_dir, so that a second run needs no network; offline, a hub dataset
     not seen before counts as text (whose path then says the hub cannot be reached)."""
-    if dataset == ARITHMETIC:
+    if builtin_difficulty(dataset):
         return True
     path = Path(dataset).expanduser()
     if path.exists() and not (path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet")):
@@ -153,6 +155,15 @@ def is_conversation_data(dataset: str, cache_dir: str, text_column: str = "text"
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text("conversations" if found else "text")
     return found
+
+
+def builtin_difficulty(dataset: str) -> str | None:
+    """The built-in set's difficulty (`arithmetic` or `arithmetic:NAME`), or None for other data; a one-line
+    DataError for a difficulty that does not exist."""
+    try:
+        return arithmetic.difficulty_of(dataset)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def _numbered(rows, label: str):
@@ -306,7 +317,7 @@ def prepare_conversations(chats: Conversations, tokenizer, tok_name: str, max_se
     val_source = (f"{meta['validation']} ({meta['val_packed']:,} conversations, "
                   f"{int(arrays['val_mask'].sum()):,} assistant tokens)")
     say(f"data: validation: {val_source}")
-    answer_rows = arithmetic.problems(s.eval_answers, s.seed + 1, held_out=True) if chats.builtin else []
+    answer_rows = arithmetic.problems(s.eval_answers, s.seed + 1, True, chats.difficulty) if chats.builtin else []
     return ConversationData(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, vocab_size=len(tokenizer),
                             source=f"{chats.name} + {tok_name}{'' if s.thinking else ', answers only'}",
                             val_source=val_source, sample_prompt=meta["sample_prompt"], answer_rows=answer_rows, **arrays)
