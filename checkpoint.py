@@ -3,13 +3,15 @@
 Every file is written to a temporary name and renamed into place, so a kill at any moment
 leaves either the old file or the new one, never half of one. `trainer_state.pt` holds
 everything a resume needs (model, optimizers, schedule, grad scaler, RNG, data position) in
-that one file, so a resumable checkpoint is always whole; `model.safetensors` +
+that one file, so a resumable checkpoint is always whole (an fsdp run's is the folder `trainer_state.dcp/`, see
+save_sharded); `model.safetensors` +
 `config.json` + the tokenizer are what inference loads. `load_pretrained` is where `--init_from` starts:
 a run's out_dir, or a Hugging Face Llama folder or hub id.
 """
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from tokenizer import load_tokenizer, with_eos
 
 WEIGHTS, CONFIG, STATE, TOKENIZER_DIR, METRICS = (
     "model.safetensors", "config.json", "trainer_state.pt", "tokenizer", "metrics.jsonl")
+SHARDED, LATEST, REST = "trainer_state.dcp", "latest", "rest.pt"  # fsdp: step folders, the pointer, the small rest
 
 
 class CheckpointError(ValueError):
@@ -94,23 +97,59 @@ def save_checkpoint(out_dir, model, optimizers, scaler, batches, progress: dict,
     """Weights + config for inference, then the one-file resume state (both atomic). `weights` as in save_model."""
     weights = model.state_dict() if weights is None else weights
     save_model(out_dir, model, {**extra_config, "tokens": progress["tokens"]}, step=progress["step"], weights=weights)
-    state = {
-        "model_config": dataclasses.asdict(model.cfg), "progress": dict(progress),
-        "model": weights, "optimizers": [opt.state_dict() for opt in optimizers],
-        "scaler": scaler.state_dict(), "rng": rng_state(), "data": batches.state_dict(),
-    }
+    state = {**_rest(model, scaler, batches, progress), "model": weights,
+             "optimizers": [opt.state_dict() for opt in optimizers]}
     atomic_write(Path(out_dir) / STATE, lambda p: torch.save(state, p))
 
 
+def _rest(model, scaler, batches, progress: dict) -> dict:
+    """What a resume needs besides weights and optimizer state (the same on every rank, so rank 0's)."""
+    return {"model_config": dataclasses.asdict(model.cfg), "progress": dict(progress), "scaler": scaler.state_dict(),
+            "rng": rng_state(), "data": batches.state_dict()}
+
+
+def save_sharded(out_dir, model, optimizers, scaler, batches, progress: dict, extra_config: dict, weights: dict,
+                 master: bool):
+    """An fsdp checkpoint, called on every rank: each writes its shards of the weights and optimizer state with
+    torch.distributed.checkpoint into a new folder trainer_state.dcp/step-N/ (readable on any number of ranks);
+    then rank 0 adds the rest (rest.pt), writes model.safetensors and config.json from the whole `weights`
+    (parallel.full_state_dict) for every other script, points trainer_state.dcp/latest at the new folder (an atomic
+    rename) and removes the older ones. Killed at any moment, `latest` names a whole checkpoint. With several
+    nodes, out_dir must be a filesystem they share."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    import parallel  # here, not at the top: inference and serving import this module without torch.distributed's weight
+    root = Path(out_dir) / SHARDED
+    folder = root / f"step-{progress['step']:08d}"
+    if master and folder.exists():  # a save of this step killed before it finished
+        shutil.rmtree(folder)
+    parallel.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=str(folder))
+    if master:
+        save_model(out_dir, model, {**extra_config, "tokens": progress["tokens"]}, step=progress["step"],
+                   weights=weights)
+        atomic_write(folder / REST, lambda p: torch.save(_rest(model, scaler, batches, progress), p))
+        atomic_write(root / LATEST, lambda p: p.write_text(folder.name))
+        for old in root.iterdir():
+            if old.is_dir() and old != folder:
+                shutil.rmtree(old)
+
+
 def load_resume_state(out_dir, model_cfg: ModelConfig) -> dict:
-    """The resume state in out_dir, checked against the model settings asked for (CheckpointError)."""
-    path = Path(out_dir) / STATE
+    """The resume state in out_dir, checked against the model settings asked for (CheckpointError). An fsdp
+    checkpoint's shards are read later, by restore, into the sharded model: here only its small rest."""
+    latest = Path(out_dir) / SHARDED / LATEST
+    sharded = latest.is_file()
+    path = Path(out_dir) / (f"{SHARDED}/{latest.read_text().strip()}/{REST}" if sharded else STATE)
     if not path.is_file():
         raise CheckpointError(f"--resume: nothing to resume in {out_dir} (no {STATE}); drop --resume to start fresh")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say so in one line
         raise CheckpointError(f"--resume: {path} is unreadable ({type(e).__name__}); drop --resume to start fresh")
+    if sharded:
+        state["sharded"] = str(path.parent)
     wanted = dataclasses.asdict(model_cfg)
     diff = {k: (v, wanted.get(k)) for k, v in state["model_config"].items() if wanted.get(k) != v}
     if diff:
@@ -121,17 +160,41 @@ def load_resume_state(out_dir, model_cfg: ModelConfig) -> dict:
 
 
 def restore(state: dict, model, optimizers, scaler, batches) -> dict:
-    """Load a resume state into the run's objects; returns its progress (step, tokens, elapsed_s)."""
-    model.load_state_dict(state["model"])
-    for opt, opt_state in zip(optimizers, state["optimizers"]):
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-        opt.load_state_dict(opt_state)  # moments and momentum buffers continue...
-        for group, mine in zip(opt.param_groups, settings):
+    """Load a resume state into the run's objects; returns its progress (step, tokens, elapsed_s). A checkpoint
+    of the other kind (ddp's one file, fsdp's shards) is refused in one line."""
+    import parallel
+    if "sharded" in state and not parallel.sharded(model):
+        raise CheckpointError(f"--resume: {Path(state['sharded']).parent.parent} holds an fsdp run's sharded "
+                              f"checkpoint; resume it with --parallel fsdp (on any number of processes)")
+    if "sharded" not in state and parallel.sharded(model):
+        raise CheckpointError("--resume: this is a ddp run's checkpoint (trainer_state.pt); resume it with "
+                              "--parallel ddp, or start an fsdp run from its weights with --init_from")
+    settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups] for opt in optimizers]
+    if "sharded" in state:
+        _load_sharded(state["sharded"], model, optimizers)
+    else:
+        model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)  # moments and momentum buffers continue...
+    for opt, groups in zip(optimizers, settings):
+        for group, mine in zip(opt.param_groups, groups):
             group.update(mine)  # ...under this run's lr, betas and weight decay (flags given with --resume apply)
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     batches.load_state_dict(state["data"])
     return dict(state["progress"])
+
+
+def _load_sharded(folder, model, optimizers):
+    """Every rank reads its shards of the weights and optimizer state, on however many ranks saved them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    try:
+        dcp.load({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=folder)
+    except Exception as e:  # a damaged folder, or another model's: one line
+        raise CheckpointError(f"--resume: cannot read the sharded checkpoint {folder} ({first_line(e)})")
+    set_state_dict(model, optimizers, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def truncate_metrics(path: Path, step: int):

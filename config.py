@@ -156,6 +156,11 @@ class TrainConfig:
     dtype: str = option("auto", "`auto` (bf16 where native, fp16 + grad scaler on older GPUs, else fp32), or one "
                         "precision", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "`torch.compile` the model")
+    parallel: str = option("ddp", "how torchrun spreads the model: `ddp` (every process holds all of it) or `fsdp` "
+                           "(weights, gradients and optimizer state sharded across processes; also in one)",
+                           choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = option(False, "recompute each block in the backward pass instead of keeping its "
+                                            "activations (less memory, ~1/3 more compute; same losses)")
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
@@ -255,7 +260,7 @@ PRESETS = {
     "scale": dict(
         vocab_size=50304, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=8, max_seq_len=2048,
         batch_size=8, grad_accum_steps=8, max_steps=20000, eval_every=500, save_every=1000,
-        tokenizer="gpt2", muon_lr=0.01, adamw_lr=0.001,
+        tokenizer="gpt2", muon_lr=0.01, adamw_lr=0.001, parallel="fsdp", activation_checkpointing=True,
         # The token budget: ~20 tokens per parameter (Chinchilla) for 1.39B parameters is ~28B tokens, 56 GB
         # of uint16 (GPT-2's 50,257 tokens fit) read from a streamed corpus that stops at the cap. The run
         # draws 20,000 x 8 x 8 x 2048 = 2.6B tokens per GPU: 21B on 8 GPUs, 42B on 16 (~1.5 passes).

@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from common import native_bf16, world_info
 
@@ -224,6 +225,8 @@ class Muon(torch.optim.Optimizer):
             return
         if any(p.grad.is_sparse for p in params):
             raise ValueError("Muon does not support sparse gradients")
+        if isinstance(params[0], DTensor):  # fsdp: every rank holds a block of rows of each matrix
+            return self._step_sharded(group, params)
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         grads = [p.grad for p in params]
         bufs = [self._momentum_buffer(p) for p in params]
@@ -237,15 +240,8 @@ class Muon(torch.optim.Optimizer):
         for pieces, ortho, work in pending:
             if work is not None:
                 work.wait()
-            # One foreach add per learning rate (not one add_ per piece: kernel launches on a GPU), of the
-            # updates in the NS dtype: a cast to the parameter's dtype first would be another full pass.
-            by_lr = defaultdict(lambda: ([], []))
-            for piece, update in zip(pieces, ortho):
-                targets, updates = by_lr[adjusted_lr(lr, *piece.shape, group["adjust_lr"])]
-                targets.append(piece.target)
-                updates.append(update)
-            for piece_lr, (targets, updates) in by_lr.items():
-                torch._foreach_add_(targets, updates, alpha=-piece_lr)
+            _add_updates([(piece.target, update, adjusted_lr(lr, *piece.shape, group["adjust_lr"]))
+                          for piece, update in zip(pieces, ortho)])
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -282,6 +278,116 @@ class Muon(torch.optim.Optimizer):
             stack = torch.cat([stack, stack.new_zeros(share - len(mine), rows, cols)])
         gathered = stack.new_empty(world * share, rows, cols)
         return pieces, gathered, _all_gather(gathered, stack, async_op=True)
+
+
+    def _step_sharded(self, group: dict, params: list) -> None:
+        """The same step on matrices whose rows are sharded across ranks (FSDP2's DTensors): each whole matrix has
+        an owner rank, which receives every rank's rows of its Nesterov update (one all-to-all), orthogonalizes
+        its pieces once, and sends each rank its rows of the result back (a second). Buffers stay sharded."""
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        local, grads = [p.to_local() for p in params], [p.grad.to_local() for p in params]
+        bufs = [self._momentum_buffer(p).to_local() for p in params]
+        torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
+        dtype = self.ns_dtype or default_ns_dtype(local[0].device)
+        blends = [torch.lerp(g, b, momentum).to(dtype) if group["nesterov"] else b.to(dtype) for g, b in zip(grads, bufs)]
+        splits = [self.splits.get(id(p)) or (p.size(0),) for p in params]
+        shards = _Shards(params, splits)
+        wholes = shards.to_owners(blends)  # {index: whole matrix} of those this rank owns
+        for same_shape in _pieces_by_shape(wholes, splits).values():
+            torch._foreach_copy_(same_shape, list(zeropower_via_newtonschulz5(torch.stack(same_shape),
+                                                                              group["ns_steps"], dtype)))
+        updates = shards.from_owners(wholes, blends[0])  # this rank's rows of each orthogonalized matrix
+        if wd > 0:
+            torch._foreach_mul_(local, 1.0 - lr * wd)
+        _add_updates([(target[lo:hi], update[lo:hi], adjusted_lr(lr, length, p.size(1), group["adjust_lr"]))
+                      for p, target, update, split, (first, _) in zip(params, local, updates, splits, shards.mine)
+                      for lo, hi, length in _overlaps(first, target.size(0), split)])
+
+
+def _add_updates(triples: list) -> None:
+    """target -= lr * update for each (target, update, lr): one foreach add per learning rate (not one add_ per
+    piece: kernel launches on a GPU), of updates in the NS dtype (a cast to the parameter's first: another pass)."""
+    by_lr = defaultdict(lambda: ([], []))
+    for target, update, piece_lr in triples:
+        by_lr[piece_lr][0].append(target)
+        by_lr[piece_lr][1].append(update)
+    for piece_lr, (targets, updates) in by_lr.items():
+        torch._foreach_add_(targets, updates, alpha=-piece_lr)
+
+
+class _Shards:
+    """Which rows of each matrix every rank holds (FSDP2 cuts dim 0 as torch.chunk does: ceil(rows / world) each,
+    the last ranks fewer or none), which rank owns each whole matrix (balanced by Newton-Schulz work, the same
+    choice on every rank), and the two all-to-alls between holders and owners."""
+
+    def __init__(self, params: list, splits: list):
+        mesh = params[0].device_mesh
+        self.group, self.rank, self.world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        self.cols = [p.size(1) for p in params]
+        self.rows = [[_chunk_rows(p.size(0), self.world, r) for r in range(self.world)] for p in params]
+        self.mine = [held[self.rank] for held in self.rows]  # (first row, count) of this rank's block of each
+        if any(p.to_local().size(0) != count for p, (_, count) in zip(params, self.mine)):
+            raise RuntimeError("Muon expects parameters sharded on dim 0 in torch.chunk's blocks (fully_shard's)")
+        load, self.owner = [0] * self.world, [0] * len(params)
+        for i in sorted(range(len(params)), key=lambda i: -_ns_flops(splits[i], self.cols[i])):
+            self.owner[i] = min(range(self.world), key=load.__getitem__)
+            load[self.owner[i]] += _ns_flops(splits[i], self.cols[i])
+        self.owned = [i for i in range(len(params)) if self.owner[i] == self.rank]
+
+    def to_owners(self, blocks: list) -> dict:
+        send = [[blocks[i] for i in range(len(blocks)) if self.owner[i] == dest] for dest in range(self.world)]
+        shapes = [[(self.rows[i][src][1], self.cols[i]) for i in self.owned] for src in range(self.world)]
+        received = self._all_to_all(send, shapes, blocks[0])
+        return {i: torch.cat([received[src][k] for src in range(self.world)]) for k, i in enumerate(self.owned)}
+
+    def from_owners(self, wholes: dict, like: torch.Tensor) -> list:
+        send = [[wholes[i].narrow(0, *self.rows[i][dest]) for i in self.owned] for dest in range(self.world)]
+        shapes = [[(self.mine[i][1], self.cols[i]) for i in range(len(self.owner)) if self.owner[i] == src]
+                  for src in range(self.world)]
+        arriving = [iter(blocks) for blocks in self._all_to_all(send, shapes, like)]
+        return [next(arriving[self.owner[i]]) for i in range(len(self.owner))]
+
+    def _all_to_all(self, send: list, shapes: list, like: torch.Tensor) -> list:
+        """send[dest]: the tensors for rank dest; shapes[src]: those rank src sends here. Returns them by source."""
+        flat = [torch.cat([t.reshape(-1) for t in tensors] or [like.new_empty(0)]) for tensors in send]
+        sizes = [[r * c for r, c in src] for src in shapes]
+        out = like.new_empty(sum(map(sum, sizes)))
+        dist.all_to_all_single(out, torch.cat(flat), list(map(sum, sizes)), [t.numel() for t in flat],
+                               group=self.group)
+        views = iter(out.split([n for src in sizes for n in src]))
+        return [[next(views).view(shape) for shape in src] for src in shapes]
+
+
+def _chunk_rows(rows: int, world: int, rank: int) -> tuple:
+    """(first row, count) of rank's block when `rows` are cut as torch.chunk cuts them into `world` chunks."""
+    size = math.ceil(rows / world)
+    first = min(rank * size, rows)
+    return first, min(size, rows - first)
+
+
+def _ns_flops(split: tuple, cols: int) -> int:
+    return sum(min(_plain_flops(min(r, cols), max(r, cols), 5), _gram_flops(min(r, cols), max(r, cols), 5))
+               for r in split)
+
+
+def _pieces_by_shape(wholes: dict, splits: list) -> dict:
+    """Row-block views of the pieces of these whole matrices, grouped by shape (one batched call per shape)."""
+    groups = defaultdict(list)
+    for i, whole in wholes.items():
+        for piece in whole.split(list(splits[i])):
+            groups[tuple(piece.shape)].append(piece)
+    return groups
+
+
+def _overlaps(first: int, count: int, split: tuple):
+    """(lo, hi, piece rows) for each piece of a matrix overlapping rows first .. first + count, as local rows: a
+    piece's learning rate follows its own shape."""
+    start = 0
+    for length in split:
+        lo, hi = max(start, first), min(start + length, first + count)
+        if lo < hi:
+            yield lo - first, hi - first, length
+        start += length
 
 
 class _Piece:

@@ -38,7 +38,7 @@ from tokenizer import save_tokenizer
 MOMENTUM_WARMUP_START = 0.85
 # what a run writes into out_dir (the first four mark a folder that holds a run); --overwrite removes these only
 RUN_FILES = (checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.STATE, checkpoint.METRICS, checkpoint.TOKENIZER_DIR,
-             "loss.png", "runs", "wandb")
+             checkpoint.SHARDED, "loss.png", "runs", "wandb")
 
 
 class TrainError(Exception):
@@ -54,6 +54,7 @@ def setup(cfg, local_rank: int = 0) -> tuple:
     try:
         device = pick_device(cfg.device, local_rank)
         dtype = pick_dtype(cfg.dtype, device)
+        parallel.check(cfg, device)
     except ValueError as e:
         raise TrainError(str(e)) from None
     if device.type == "cuda":
@@ -62,7 +63,7 @@ def setup(cfg, local_rank: int = 0) -> tuple:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    return device, dtype, autocast(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return device, dtype, autocast(device, dtype), parallel.grad_scaler(device, dtype, cfg)
 
 
 def init_from(cfg, model_cfg, given: dict) -> tuple:
@@ -230,6 +231,7 @@ def postfix(row: dict) -> dict:
 
 # ----------------------------------------------------------------------------- evaluation (a collective)
 
+@parallel.whole_weights  # under fsdp: so that each rank's forward passes need no other rank
 @torch.no_grad()
 def evaluate(model, batches, amp, device) -> dict:
     """Validation loss, perplexity and next-token accuracy over `batches` (an iterable of (x, y)), counting the
@@ -253,6 +255,7 @@ def evaluate(model, batches, amp, device) -> dict:
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_acc": correct / count}
 
 
+@parallel.whole_weights
 def evaluate_answers(model, tokenizer, rows: list, amp, device) -> dict:
     """Exact-match accuracy of greedy answers to held-out problems, and their mean length in tokens: every rank
     answers its share of `rows`, the counts are all-reduced."""
@@ -379,7 +382,10 @@ class RunFolder:
         if not self.log.started:
             self._open(None)
         weights = parallel.full_state_dict(model)
-        if self.master:
+        if parallel.sharded(model):  # fsdp: every rank writes its shard of the resume state
+            checkpoint.save_sharded(self.path, model, optimizers, scaler, batches, dataclasses.asdict(progress),
+                                    self.run_info, weights, self.master)
+        elif self.master:
             checkpoint.save_checkpoint(self.path, model, optimizers, scaler, batches, dataclasses.asdict(progress),
                                        self.run_info, weights)
 
@@ -430,9 +436,10 @@ def bar_position(progress: Progress, cfg) -> int:
 
 # ----------------------------------------------------------------------------- the end
 
+@parallel.whole_weights
 def sample_text(model, tokenizer, prompt: str, n_tokens: int, amp, chat: bool, seed: int) -> str:
     """A continuation of `prompt`, or for a chat model its reply to `prompt` as a user turn. Every rank computes
-    the same sample (the same seed), so a sharded model's forward passes line up."""
+    the same sample (the same seed); a sharded model's weights are gathered for it (parallel.whole_weights)."""
     import io
     from chat import stream_reply
     from engine import generate
