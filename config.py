@@ -163,22 +163,12 @@ class TrainConfig:
                                             "activations (less memory, ~1/3 more compute; same losses)")
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
-                     "save_every"):
+        for name in ("batch_size", "grad_accum_steps", "eval_batches"):
             _check(getattr(self, name) > 0, name, "must be a positive integer")
-        for name in ("max_tokens", "muon_momentum_warmup_steps", "sample_tokens", "eval_answers"):
-            _check(getattr(self, name) >= 0, name, "must be >= 0")
-        for name in ("muon_lr", "adamw_lr"):
-            _check(getattr(self, name) > 0, name, "must be > 0")
-        for name in ("time_budget", "weight_decay", "muon_weight_decay", "grad_clip"):
+        for name in ("max_tokens", "sample_tokens"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
-        for name in ("warmup_frac", "decay_frac", "min_lr_frac"):
-            _check(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
-        _check(self.warmup_frac + self.decay_frac <= 1.0, "decay_frac", "warmup_frac + decay_frac must be <= 1")
-        for name in ("muon_momentum", "adamw_beta1", "adamw_beta2"):
-            _check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
-        _check_choices(self)
+        _check_run(self)
         _check(bool(self.dataset), "dataset", "must name a hub id, a local path or 'shakespeare'")
         _check(bool(self.tokenizer), "tokenizer", "must name a hub id, a local folder, 'char' or 'bpe[:N]'")
 
@@ -228,6 +218,104 @@ class ServeConfig:
         _check(self.max_queue >= 0, "max_queue", "must be >= 0")
         _check(bool(self.host), "host", "must name an address, e.g. 127.0.0.1")
         _check_choices(self)
+
+
+def like(name: str, default=dataclasses.MISSING):
+    """TrainConfig's field `name` for another config: its help and choices, and its default unless given."""
+    f = TrainConfig.__dataclass_fields__[name]
+    return option(f.default if default is dataclasses.MISSING else default, **f.metadata)
+
+
+@dataclass
+class RLConfig:
+    """How run_rl.py improves a chat model by reinforcement learning on checkable answers (GRPO). The optimizer,
+    schedule and run fields mean what they mean in TrainConfig; the learning rates are a fraction of fine-tuning's."""
+    # what to learn from
+    init_from: str = option("", "the chat model to start from: a run's out_dir fine-tuned on conversations (a "
+                            "Blueberry run or a Hugging Face folder with the chat format)")
+    dataset: str = option("arithmetic", "problems with checkable answers: `arithmetic` or `arithmetic:hard` "
+                          "(built-in), or a local or hub dataset with `question` and `answer` columns (GSM8K's "
+                          "`#### answer`) or `messages` whose last assistant turn is the answer")
+    reward: str = option("rewards:reward", "the reward of a completion, as module:function(problem, completion) -> "
+                         "float (default: 1 for the right final answer, else 0)")
+    cache_dir: str = like("cache_dir")
+    # GRPO
+    group_size: int = option(8, "completions sampled per prompt (G); each one's advantage is its reward minus its "
+                             "group's mean")
+    prompts_per_step: int = option(16, "prompts per step, per process")
+    max_new_tokens: int = option(256, "longest completion in tokens (and at most what the context leaves)")
+    temperature: float = option(1.0, "sampling temperature of the completions")
+    top_k: int = option(0, "sample among the k most likely tokens (0 = all: the policy itself)")
+    scale_rewards: bool = option(False, "also divide each advantage by its group's reward std (GRPO as published)")
+    kl_coef: float = option(0.0, "weight of a KL penalty to the starting model (0: none; the kl column is then "
+                            "measured on logged steps only)")
+    ppo_epochs: int = option(1, "optimizer passes over each step's samples; from the second on, the probability "
+                             "ratios are clipped")
+    clip_eps: float = option(0.2, "PPO clip range: ratios outside [1 - clip_eps, 1 + clip_eps] give no gradient")
+    batch_size: int = option(32, "sequences per micro-batch of the policy-gradient pass (memory; not the step size)")
+    # optimization (TrainConfig's fields)
+    max_steps: int = like("max_steps", 200)
+    time_budget: float = like("time_budget")
+    warmup_frac: float = like("warmup_frac", 0.0)
+    decay_frac: float = like("decay_frac", 0.5)
+    min_lr_frac: float = like("min_lr_frac")
+    optimizer: str = like("optimizer")
+    muon_lr: float = like("muon_lr", 0.002)
+    muon_momentum: float = like("muon_momentum")
+    muon_momentum_warmup_steps: int = like("muon_momentum_warmup_steps", 0)
+    muon_weight_decay: float = like("muon_weight_decay")
+    adamw_lr: float = like("adamw_lr", 0.0003)
+    adamw_beta1: float = like("adamw_beta1")
+    adamw_beta2: float = like("adamw_beta2")
+    weight_decay: float = like("weight_decay", 0.0)
+    grad_clip: float = like("grad_clip")
+    # evaluation, logging, checkpoints
+    eval_every: int = like("eval_every", 25)
+    eval_answers: int = option(100, "held-out problems answered greedily at each evaluation (pass_at_1)")
+    log_every: int = like("log_every", 5)
+    save_every: int = like("save_every", 100)
+    out_dir: str = like("out_dir", "out_rl")
+    resume: bool = like("resume")
+    overwrite: bool = like("overwrite")
+    report_to: str = like("report_to")
+    # runtime
+    seed: int = like("seed")
+    device: str = like("device")
+    dtype: str = like("dtype")
+    compile: bool = like("compile")
+    parallel: str = option("ddp", "how torchrun spreads the model: `ddp` (every process holds all of it and samples "
+                           "its own prompts; RL does not shard yet)", choices=("ddp",))
+    activation_checkpointing: bool = like("activation_checkpointing")
+
+    def __post_init__(self):
+        _check(self.group_size >= 2, "group_size", "must be >= 2: each sample is judged against the others of its "
+               "group")
+        for name in ("prompts_per_step", "max_new_tokens", "ppo_epochs", "batch_size"):
+            _check(getattr(self, name) > 0, name, "must be a positive integer")
+        _check(self.temperature > 0, "temperature", "must be > 0 (RL learns from samples, not greedy replies)")
+        for name in ("top_k", "kl_coef"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")
+        _check(":" in self.reward, "reward", "must be module:function, e.g. rewards:reward")
+        _check_run(self)
+
+
+def _check_run(cfg) -> None:
+    """The checks of the fields a training run and an RL run share: schedule, optimizers, evaluation, logging."""
+    for name in ("max_steps", "eval_every", "log_every", "save_every"):
+        _check(getattr(cfg, name) > 0, name, "must be a positive integer")
+    for name in ("muon_momentum_warmup_steps", "eval_answers"):
+        _check(getattr(cfg, name) >= 0, name, "must be >= 0")
+    for name in ("muon_lr", "adamw_lr"):
+        _check(getattr(cfg, name) > 0, name, "must be > 0")
+    for name in ("time_budget", "weight_decay", "muon_weight_decay", "grad_clip"):
+        _check(getattr(cfg, name) >= 0, name, "must be >= 0")
+    for name in ("warmup_frac", "decay_frac", "min_lr_frac"):
+        _check(0.0 <= getattr(cfg, name) <= 1.0, name, "must be in [0, 1]")
+    _check(cfg.warmup_frac + cfg.decay_frac <= 1.0, "decay_frac", "warmup_frac + decay_frac must be <= 1")
+    for name in ("muon_momentum", "adamw_beta1", "adamw_beta2"):
+        _check(0.0 <= getattr(cfg, name) < 1.0, name, "must be in [0, 1)")
+    _check_choices(cfg)
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -312,9 +400,9 @@ def add_fields(group, cls, defaults: dict | None = None) -> None:
 
 
 def uses_presets(classes) -> bool:
-    """Do the presets set fields of these dataclasses (the model and training ones)?"""
-    names = {f.name for cls in classes for f in fields(cls)}
-    return any(name in names for values in PRESETS.values() for name in values)
+    """Do the presets apply to these dataclasses? They are the model and training configs' (RLConfig shares field
+    names with TrainConfig, but starts from a model whose settings come with it)."""
+    return any(cls in (ModelConfig, TrainConfig) for cls in classes)
 
 
 def build_parser(classes, preset: str | None, default: str | None, description: str, options=None) -> OneLineParser:
