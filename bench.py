@@ -9,6 +9,8 @@
     data      a generated corpus of a few GB streamed: capped read, tokens/s per core count, threads vs
               processes, peak memory, cache load time
     gpu       tokens/s and MFU on a CUDA GPU (bf16, fp16 + GradScaler, with and without torch.compile)
+    serve     serve.py's output tokens/s and time to first token at 1, 4 and 16 concurrent clients, against
+              `transformers serve --continuous-batching` serving the same model
 
 The measurements live in benchmarks/ (common.py: the alternating timer and the Llama peer). Each
 subcommand prints its table and finishes in a few minutes on 2 CPU cores. None runs in CI
@@ -22,6 +24,7 @@ import torch
 from benchmarks.common import REPO
 from benchmarks.data_pipeline import cmd_data
 from benchmarks.sampling import cmd_generate
+from benchmarks.serving import cmd_serve
 from benchmarks.speed import cmd_gpu, cmd_model, cmd_muon
 from benchmarks.stepwise import cmd_stepwise
 from benchmarks.training import cmd_ablate, cmd_train
@@ -86,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem_budget_mb", type=int, default=400, help="allowed growth of the resident set while streaming")
     p.add_argument("--flat_mb", type=int, default=50, help="allowed growth after the first 10%% of the pass")
     p.add_argument("--tmp", default=None, help="folder for the corpus and caches (None: the system's temp)")
+    p = add("serve", cmd_serve, "serve.py at 1, 4 and 16 concurrent clients vs transformers serve", rounds=3)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="client threads of each level")
+    p.add_argument("--max_tokens", type=int, default=64, help="greedy tokens per answer")
+    p.add_argument("--peer", default="transformers", choices=("transformers", "none"),
+                   help="transformers: also measure `transformers serve --continuous-batching` (needs accelerate)")
     p = add("gpu", cmd_gpu, "tokens/s and MFU on a CUDA GPU", warmup=3)
     p.add_argument("--repeat", type=int, default=10, help="steps per round")
     return parser

@@ -2,7 +2,7 @@
 
 from conftest import run_script
 
-SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "data", "gpu")
+SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "data", "gpu", "serve")
 
 
 def test_help_lists_every_subcommand():
@@ -33,3 +33,9 @@ def test_generate_tiny_in_bf16_gives_ratios_without_the_fp32_goal():
     assert proc.stdout.count("all features, bf16: ") == 2 and "goal" not in proc.stdout
     bad = run_script("bench.py", "generate", "--dtype", "fp8", timeout=60)
     assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
+
+
+def test_serve_tiny_measures_concurrent_clients_against_one_at_a_time():
+    proc = run_script("bench.py", "serve", "--tiny", "--peer", "none", "--threads", "1", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Blueberry serve.py, 4 clients" in proc.stdout and "the tokens/s of one at a time" in proc.stdout
