@@ -8,50 +8,43 @@ On a terminal the steps are shown dim before the answer; in a pipe they come und
 line, and the answer under "(answer)".
 """
 
+import dataclasses
 import sys
 import time
 
-from inference import generate, prompt_lines
-from tokenizer import END_THINK, IM_END, THINK, render_prompt
+from engine import SamplingParams, TextStream, sample
+from tokenizer import IM_END, render_prompt
 
 DIM, PLAIN = "\x1b[2m", "\x1b[0m"
+REPLY = SamplingParams(temperature=0.0)  # stream_reply's settings unless told otherwise: greedy, 256 tokens
 
 
 def stream_reply(model, tokenizer, messages: list, out=None, show_thinking: bool = True, tty: bool = False,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = 50,
-                 top_p: float | None = 0.9, repetition_penalty: float = 1.0, seed: int | None = None) -> tuple:
+                 params: SamplingParams = REPLY, seed: int | None = None, **settings) -> tuple:
     """Print the assistant's reply to `messages` as it is generated; returns (thinking, answer, tokens, seconds).
 
-    Generation stops at the end of the turn. Each part (thinking, answer) is decoded whole as it grows and
-    only its new text is printed, so a multi-byte character split over tokens never shows half."""
+    Generation stops at the end of the turn (IM_END joins params.stop_ids). `settings` replace fields of `params`
+    (stream_reply(..., max_new_tokens=48)). A section starts with a "(thinking)" or "(answer)" line in a pipe;
+    on a terminal the thinking is dim instead."""
     out = out or sys.stdout
-    think, end_think, end_turn = (tokenizer.convert_tokens_to_ids(t) for t in (THINK, END_THINK, IM_END))
-    parts = {"thinking": [], "answer": []}
-    part, printed, start = "answer", 0, time.perf_counter()
+    end_turn = tokenizer.convert_tokens_to_ids(IM_END)
+    params = dataclasses.replace(params, stop_ids=params.stop_ids + (end_turn,), **settings)
+    text, n, start = TextStream(tokenizer, chat=True), 0, time.perf_counter()
 
-    def show(text):
-        if part == "answer" or show_thinking:
-            out.write(f"{DIM}{text}{PLAIN}" if tty and part == "thinking" else text)
-            out.flush()
+    def show(pieces):
+        for part, piece in pieces:
+            if part == "answer" or show_thinking:
+                if not piece:  # a section starts
+                    piece = "" if tty else f"({part})\n"
+                out.write(f"{DIM}{piece}{PLAIN}" if tty and part == "thinking" and piece else piece)
+                out.flush()
 
-    n = 0
-    for n, token in enumerate(generate(model, render_prompt(tokenizer, messages), max_new_tokens, temperature, top_k,
-                                       top_p, repetition_penalty, eos_id=end_turn, seed=seed), 1):
-        if token in (think, end_think):  # a section starts: headers in a pipe, nothing on a terminal
-            part, printed = ("thinking" if token == think else "answer"), 0
-            show("" if tty else f"({part})\n")
-            continue
-        if token == end_turn:
-            break
-        parts[part].append(token)
-        text = tokenizer.decode(parts[part], skip_special_tokens=True).lstrip("\n")
-        if not text.endswith("\ufffd"):
-            show(text[printed:])
-            printed = len(text)
+    for n, token in enumerate(sample(model, render_prompt(tokenizer, messages), params, seed), 1):
+        show(text.feed(token))
+    show(text.finish())
     out.write("\n")
     out.flush()
-    thinking, answer = (tokenizer.decode(parts[p], skip_special_tokens=True).strip("\n") for p in parts)
-    return thinking, answer, n, time.perf_counter() - start
+    return text.texts["thinking"].strip("\n"), text.texts["answer"].strip("\n"), n, time.perf_counter() - start
 
 
 def fit_history(tokenizer, messages: list, budget: int) -> list:
@@ -64,6 +57,25 @@ def fit_history(tokenizer, messages: list, budget: int) -> list:
         while len(turns) > 1 and turns[0]["role"] != "user":  # start at a user turn
             turns = turns[1:]
     return system + turns
+
+
+def prompt_lines(prompt: str, hint: str):
+    """The lines typed (or piped in) until quit, exit, Ctrl-D or Ctrl-C at the prompt; blank ones are skipped.
+    On a terminal, `hint` comes first and `prompt` before each line."""
+    tty = sys.stdin.isatty()
+    if tty:
+        print(hint, file=sys.stderr)
+    while True:
+        try:
+            line = input(prompt if tty else "")
+        except (EOFError, KeyboardInterrupt):
+            if tty:
+                print(file=sys.stderr)  # leave the shell's prompt on a line of its own
+            return
+        if line.strip() in ("quit", "exit"):
+            return
+        if line.strip():
+            yield line
 
 
 def chat_session(model, tokenizer, settings, show_thinking: bool = True, verbose: bool = False):
@@ -79,7 +91,7 @@ def chat_session(model, tokenizer, settings, show_thinking: bool = True, verbose
             continue
         if not tty:
             print(f"you> {line}")
-        # keep room for the reply: up to half the context (a longer reply slides the window, see inference.engine)
+        # keep room for the reply: up to half the context (a longer reply slides the window, see engine.Engine)
         budget = model.cfg.max_seq_len - min(settings.max_new_tokens, model.cfg.max_seq_len // 2)
         history = fit_history(tokenizer, history + [{"role": "user", "content": line}], budget)
         try:
@@ -97,6 +109,5 @@ def reply(model, tokenizer, messages, settings, show_thinking=True, tty=False, o
     """stream_reply with the CLI's sampling settings (a config.SampleConfig)."""
     if not tty:
         (out or sys.stdout).write("assistant>\n")
-    return stream_reply(model, tokenizer, messages, out, show_thinking, tty, settings.max_new_tokens,
-                        settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty,
+    return stream_reply(model, tokenizer, messages, out, show_thinking, tty, SamplingParams.from_config(settings),
                         settings.seed)

@@ -367,7 +367,7 @@ def answer_accuracy(model, tokenizer, rows: list, amp) -> tuple:
 
     Returns ({"val_answer_acc": exact-match share, "val_answer_tokens": mean tokens per reply, steps and end
     of turn included}, one (row, correct, tokens) triple per row)."""
-    from inference import generate_batch  # the sampling engine; imported here to keep data loading light
+    from engine import generate_batch  # the sampling engine; imported here to keep data loading light
     prompts = [render_prompt(tokenizer, [m for m in r["messages"] if m["role"] != "assistant"]) for r in rows]
     end_of_turn = tokenizer.convert_tokens_to_ids(IM_END)
     model.eval()

@@ -19,10 +19,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:  # in an exported folder: transformers' package of remote code
     from .config import ModelConfig
-    from .model import Blueberry, rope_tables
+    from .model import Blueberry, check_length, rope_tables
 except ImportError:  # in the repository
     from config import ModelConfig
-    from model import Blueberry, rope_tables
+    from model import Blueberry, check_length, rope_tables
 
 # transformers 5 returns the cache as `cache`; earlier versions as `past_key_values`
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -56,11 +56,17 @@ def new_cache(config):
 
 class CacheView:
     """model.KVCache's interface over a transformers Cache (DynamicCache by default), so that model.py's forward
-    pass runs unchanged on the cache that generate() owns, grows, reorders (beam search) and crops."""
+    pass runs unchanged on the cache that generate() owns, grows, reorders (beam search) and crops. Every row
+    holds as many slots as the others (transformers pads on the left: `pad`), so new tokens go at the end."""
 
-    def __init__(self, cache, pad, max_len: int):
-        self.cache, self.pad, self.max_len = cache, pad, max_len
-        self.pos = cache.get_seq_length()  # Blueberry.forward reads where the new tokens start, then adds their count
+    def __init__(self, cache, pad, max_len: int, input_ids):
+        self.cache, self.pad, self.max_len, self.input_ids = cache, pad, max_len, input_ids
+
+    def append(self, T: int) -> tuple:
+        past = self.cache.get_seq_length()
+        check_length(past + T, self.max_len)
+        slots = torch.arange(past, past + T, device=self.input_ids.device)
+        return slots.expand(self.input_ids.size(0), T), past + T
 
     def update(self, layer: int, k, v):
         return self.cache.update(k, v, layer)
@@ -127,7 +133,7 @@ class BlueberryForCausalLM(PreTrainedModel, GenerationMixin):
             cache = new_cache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
         pad = left_padding(attention_mask, past)
-        view = CacheView(cache, pad, self.model.cfg.max_seq_len) if cache is not None else None
+        view = CacheView(cache, pad, self.model.cfg.max_seq_len, input_ids) if cache is not None else None
         if view is None and pad is not None:  # left padding without a cache: a throwaway one carries it
             view = self.model.make_cache(input_ids.size(0), input_ids.size(1), pad)
         loss = None

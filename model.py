@@ -100,49 +100,77 @@ def _row_chunks(matrix):
 
 
 class KVCache:
-    """Keys and values of every layer, (n_layers, B, n_kv_heads, max_len, head_dim), filled left to right.
+    """Keys and values of every layer, (n_layers, B, n_kv_heads, max_len, head_dim), and how many slots each row
+    has filled: `lengths` (B,), as nanochat's cache_seqlens.
 
-    `pos` counts the filled slots; attention reads only those, so a new token costs work in
-    proportion to the tokens so far, not to max_len. Rows of a batch can hold prompts of different
-    lengths, right-aligned: row b starts with `pad[b]` slots of left padding, which no real token
-    attends to and which RoPE positions skip, so every row computes what it would alone.
+    A row's new tokens go after what it holds, at its own RoPE positions, and a key mask per row lets each token
+    see its own row's keys up to itself: rows of different lengths share a batch, each computing what it would
+    alone, and a row can be emptied and refilled while the others go on (engine.py). Attention reads the slots up
+    to the longest row only, so a new token costs work in proportion to the tokens so far, not to max_len.
+    `pad` (B,), optional: slots of left padding that open each row (how transformers batches prompts, see
+    hf_model.py), which no real token attends to and which RoPE positions skip.
     """
 
-    def __init__(self, keys, values, pad=None):
-        self.k, self.v = keys, values
-        self.pad = pad  # (B,) long tensor of left-padding slots per row, or None
-        self.pos = 0
+    def __init__(self, keys, values, lengths=None, pad=None):
+        self.k, self.v, self.pad = keys, values, pad
+        self.lengths = keys.new_zeros(keys.size(1), dtype=torch.long) if lengths is None else lengths
 
     @property
     def max_len(self) -> int:
         return self.k.size(3)
 
-    def reset(self, pad=None):
-        """Empty the cache (the buffers are reused) for rows with `pad` slots of left padding."""
-        self.pos, self.pad = 0, pad
+    @property
+    def pos(self) -> int:
+        """The longest row's length."""
+        return int(self.lengths.max())
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1 as a cache of their own that shares this one's memory (a forward pass on some rows)."""
+        pad = None if self.pad is None else self.pad[start:stop]
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop], pad)
+
+    def move(self, src: int, dst: int):
+        """Copy row src over row dst (the engine keeps its running rows first)."""
+        self.k[:, dst], self.v[:, dst], self.lengths[dst] = self.k[:, src], self.v[:, src], self.lengths[src]
+
+    def append(self, T: int) -> tuple:
+        """Room for T new tokens after each row's: returns their slots (B, T) and how many slots attention reads
+        (update() stores each layer's keys and values in those slots)."""
+        end = self.pos + T
+        check_length(end, self.max_len)
+        device = self.lengths.device
+        self.row = torch.arange(len(self.lengths), device=device)[:, None]
+        self.slots = self.lengths[:, None] + torch.arange(T, device=device)
+        self.end = end
+        self.lengths += T
+        return self.slots, end
 
     def update(self, layer: int, k, v):
-        """Store the new k, v (B, Hkv, T, D) at the current position; return every key and value so far."""
-        t = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + t] = k
-        self.v[layer, :, :, self.pos:self.pos + t] = v
-        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+        """Store the new k, v (B, Hkv, T, D) in their slots; return every row's keys and values up to the longest."""
+        self.k[layer, self.row, :, self.slots] = k.transpose(1, 2)  # indexed (B, T, Hkv, D)
+        self.v[layer, self.row, :, self.slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
 
 
-def attention_mask(start: int, T: int, pad, device):
-    """Which keys (slots 0 .. start+T-1) the T new queries at slots start.. may see: (T, S), (B, 1, T, S),
-    or None where SDPA needs no mask (no cache prefix: its own causal flag; one new token: every key)."""
-    if pad is None and (start == 0 or T == 1):
+def check_length(n: int, limit: int):
+    if n > limit:
+        raise ValueError(f"sequence of {n} tokens exceeds the context of {limit}")
+
+
+def attention_mask(slots, end: int, pad=None):
+    """Which of the `end` keys each new token (at `slots`, (B, T)) may see: (B, 1, T, end), its own slot and the
+    ones before it in its row. None where SDPA needs no mask: one row without padding that starts empty (its
+    causal flag) or adds one token (every key)."""
+    B, T = slots.shape
+    if B == 1 and pad is None and (T == 1 or end == T):
         return None
-    keys = torch.arange(start + T, device=device)
-    queries = keys[start:, None]
-    mask = keys <= queries  # causal: a query sees its own slot and the ones before it
+    keys = torch.arange(end, device=slots.device)
+    mask = keys <= slots[..., None]
     if pad is not None:
         # Left padding is seen by nobody but itself: a padding query with no key at all would give NaN,
         # which would then reach real tokens through its (masked, but NaN) value.
-        mask = (mask & (keys >= pad[:, None, None])) | (keys == queries)
-        mask = mask[:, None]
-    return mask
+        mask = (mask & (keys >= pad[:, None, None])) | (keys == slots[..., None])
+    return mask[:, None]
 
 
 class Attention(nn.Module):
@@ -175,8 +203,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if T == 1:
-            # One new token sees every key it is given: the query heads that share a kv head are a batch of
-            # queries for it, so each kv head is read once, with no copy of the keys per query head.
+            # One new token: the query heads that share a kv head are a batch of queries for it (under its row's
+            # mask), so each kv head is read once, with no copy of the keys per query head.
             y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask,
                                                dropout_p=dropout).view(B, self.n_heads, 1, self.head_dim)
         else:
@@ -267,34 +295,34 @@ class Blueberry(nn.Module):
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         shape = (self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
-        cache = KVCache(weight.new_zeros(shape, dtype=dtype), weight.new_zeros(shape, dtype=dtype))
-        cache.reset(None if pad is None else torch.as_tensor(pad, device=weight.device))
-        return cache
+        pad = None if pad is None else torch.as_tensor(pad, device=weight.device)
+        return KVCache(weight.new_zeros(shape, dtype=dtype), weight.new_zeros(shape, dtype=dtype), pad=pad)
 
-    def forward(self, idx, targets=None, cache=None, logits_to_keep: int = 0):
+    def forward(self, idx, targets=None, cache=None, logits_to_keep=0):
         """Logits (B, T, vocab), or (logits, fp32 mean loss) with `targets` (-100 is ignored). With a cache, the
         new tokens are appended to it. `logits_to_keep`: only the last that many positions get logits (0 = all),
-        as in transformers: a prefill needs the last one alone."""
+        as in transformers: a prefill needs the last one alone; or a LongTensor (B,) of the one position per row
+        that does (each row's last token in a right-padded batch)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        limit = self.cfg.max_seq_len if cache is None else cache.max_len
-        if start + T > limit:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {limit}")
-        pad = cache.pad if cache is not None else None
-        positions = torch.arange(start, start + T, device=idx.device)
-        if pad is not None:  # each row counts its positions from its first real token
-            positions = (positions - pad[:, None]).clamp_min(0)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        mask = attention_mask(start, T, pad, idx.device)
+        if cache is None:  # the tokens are the sequence: positions 0..T-1, SDPA's causal flag
+            check_length(T, self.cfg.max_seq_len)
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        else:  # each row's new tokens go after what it holds (slots), at positions after its left padding
+            slots, end = cache.append(T)
+            positions = slots if cache.pad is None else (slots - cache.pad[:, None]).clamp_min(0)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            mask = attention_mask(slots, end, cache.pad)
 
         x = self.embed(idx)
         if self.cfg.embed_scale:
             x = x * math.sqrt(self.cfg.d_model)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.pos += T
-        x = self.norm(x[:, -logits_to_keep:])
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[torch.arange(B, device=x.device), logits_to_keep, None]
+        else:
+            x = x[:, -logits_to_keep:]
+        x = self.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if targets is None:
             return F.linear(x, head)

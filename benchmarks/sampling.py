@@ -2,7 +2,7 @@
 
 Two settings, each a ratio measured in the same alternating rounds: batch-1 sampling (top-k 50,
 top-p 0.9, temperature 0.8), and a batch of prompts of different lengths decoded greedily
-together (`inference.generate_batch` against `generate()` with left padding and an attention mask).
+together (`engine.generate_batch` against `generate()` with left padding and an attention mask).
 """
 
 import torch
@@ -41,7 +41,7 @@ def hf_batch(prompts: list) -> tuple:
 
 
 def cmd_generate(args):
-    import inference
+    import engine
     cfg = TINY if args.tiny else ModelConfig()
     new = 8 if args.tiny else args.new_tokens
     full, plain = random_decoder(cfg, 0), random_decoder(llama_peer_config(cfg), 0)
@@ -56,7 +56,7 @@ def cmd_generate(args):
 
     def ours(model):
         def run():
-            assert sum(1 for _ in inference.generate(model, prompt[0].tolist(), new, **SAMPLING)) == new
+            assert sum(1 for _ in engine.generate(model, prompt[0].tolist(), new, **SAMPLING)) == new
         return run
 
     def hf():
@@ -83,7 +83,7 @@ def cmd_generate(args):
     ids, mask = hf_batch(prompts)
 
     def ours_batch(model):
-        return lambda: inference.generate_batch(model, prompts, new_b, temperature=0)
+        return lambda: engine.generate_batch(model, prompts, new_b, temperature=0)
 
     def hf_batched():
         with torch.inference_mode():

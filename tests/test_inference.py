@@ -200,19 +200,24 @@ def test_repetition_penalty_in_generate_avoids_repeats(model):
     assert len(set(penalized)) == len(penalized) and not {1, 2, 3} & set(penalized)
 
 
-def test_stream_prints_multibyte_characters_whole(monkeypatch):
-    """A byte-level tokenizer with no merges: every UTF-8 byte is its own token, so 'é' takes two
-    tokens and the emoji four; the halves must never reach the terminal as U+FFFD."""
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: every UTF-8 byte is its own token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_stream_prints_multibyte_characters_whole(monkeypatch):
+    """Every UTF-8 byte is its own token (byte_tokenizer), so 'é' takes two tokens and the emoji four; the
+    halves must never reach the terminal as U+FFFD."""
+    tokenizer = byte_tokenizer()
     text = "héllo 😀 wörld"
     ids = encode(tokenizer, text)
     assert len(ids) == len(text.encode())
-    monkeypatch.setattr(inference, "generate", lambda *args, **kwargs: iter(ids))
+    monkeypatch.setattr(inference, "sample", lambda *args, **kwargs: iter(ids))  # the tokens stream() decodes
 
     class Terminal(io.StringIO):
         def write(self, piece):
