@@ -72,6 +72,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss = ((lse - target_logits) * valid).sum() / valid.sum()
         ctx.save_for_backward(x, weight, logits, lse, targets)
         ctx.mark_non_differentiable(logits)
+        ctx.set_materialize_grads(False)  # else backward is handed a zero "gradient" of the logits: vocab-sized too
         return logits, loss
 
     @staticmethod
