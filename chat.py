@@ -24,8 +24,8 @@ def stream_reply(model, tokenizer, messages: list, out=None, show_thinking: bool
     """Print the assistant's reply to `messages` as it is generated; returns (thinking, answer, tokens, seconds).
 
     Generation stops at the end of the turn (IM_END joins params.stop_ids). `settings` replace fields of `params`
-    (stream_reply(..., max_new_tokens=48)). A section starts with a "(thinking)" or "(answer)" line in a pipe;
-    on a terminal the thinking is dim instead."""
+    (stream_reply(..., max_new_tokens=48)). A section starts with a "(thinking)" or "(answer)" line in a pipe
+    (none when the thinking is hidden: the answer is all there is); on a terminal the thinking is dim instead."""
     out = out or sys.stdout
     end_turn = tokenizer.convert_tokens_to_ids(IM_END)
     params = dataclasses.replace(params, stop_ids=params.stop_ids + (end_turn,), **settings)
@@ -34,8 +34,8 @@ def stream_reply(model, tokenizer, messages: list, out=None, show_thinking: bool
     def show(pieces):
         for part, piece in pieces:
             if part == "answer" or show_thinking:
-                if not piece:  # a section starts
-                    piece = "" if tty else f"({part})\n"
+                if not piece:  # a section starts: its header, in a pipe, and only when both sections show
+                    piece = "" if tty or not show_thinking else f"({part})\n"
                 out.write(f"{DIM}{piece}{PLAIN}" if tty and part == "thinking" and piece else piece)
                 out.flush()
 

@@ -53,8 +53,8 @@ def test_thinking_is_set_apart_and_can_be_hidden(chat_run, chat_model):
     proc = run_script("inference.py", "--out_dir", chat_run, "--prompt", "What is 45 + 38?", "--temperature", 0,
                       "--max_new_tokens", 96, "--hide_thinking", "--dtype", "fp32")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("you> What is 45 + 38?\nassistant>\n(answer)\n")
-    assert answer in proc.stdout and "(thinking)" not in proc.stdout and (not thinking or thinking not in proc.stdout)
+    assert proc.stdout.startswith("you> What is 45 + 38?\nassistant>\n")  # the answer alone: no section headers
+    assert answer in proc.stdout and "(thinking)" not in proc.stdout and "(answer)" not in proc.stdout and (not thinking or thinking not in proc.stdout)
 
 
 def test_prompts_file_is_one_conversation_per_line(chat_run, tmp_path):
