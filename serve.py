@@ -450,6 +450,7 @@ def main(argv=None):
 
 
 def stopped(*_):
+    sys.stderr.write("serve: stopped\n")
     raise SystemExit(0)
 
 

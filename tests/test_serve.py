@@ -360,7 +360,7 @@ class Chromium:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def wait(self, expression, seconds=30):
-        wait_until(lambda: self.js(expression), seconds)
+        wait_until(lambda: self.js(f"!!({expression})"), seconds)  # a DOM node comes back as {}: falsy
 
     def close(self):
         self.proc.kill()
