@@ -325,16 +325,12 @@ class Chromium:
     def __init__(self, url, profile):
         to_browser, self.out = os.pipe()
         self.inp, from_browser = os.pipe()
-        os.set_inheritable(to_browser, True)
-        os.set_inheritable(from_browser, True)
-
-        def fds():
-            os.dup2(to_browser, 3)
-            os.dup2(from_browser, 4)
-
-        self.proc = subprocess.Popen([shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
-                                      "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=900,700",
-                                      url], preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
+        # the shell puts the pipe ends on fds 3 and 4 for Chromium (no preexec_fn in a process with threads)
+        self.proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser}',
+                                      shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+                                      "--disable-dev-shm-usage", "--remote-debugging-pipe",
+                                      f"--user-data-dir={profile}", "--window-size=900,700", url],
+                                     pass_fds=(to_browser, from_browser), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         os.close(to_browser)
         os.close(from_browser)
@@ -363,8 +359,10 @@ class Chromium:
         wait_until(lambda: self.js(f"!!({expression})"), seconds)  # a DOM node comes back as {}: falsy
 
     def close(self):
-        self.proc.kill()
-        self.proc.wait()
+        self.proc.terminate()  # its helper processes leave with it
+        self.proc.wait(10)
+        os.close(self.out)
+        os.close(self.inp)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
