@@ -50,6 +50,14 @@ class ModelConfig:
     attn_gate: bool = option(True, "gated attention (G1): sigmoid gate on the attention output")
     zero_init: bool = option(True, "blocks start as the identity, the head at zero")
     depth_init: bool = option(True, "MLP input std falls with depth from init_std_first to init_std_last")
+    # 2026 recipe switches (nanochat, modded-nanogpt), off unless `python bench.py ablate` shows a win
+    mlp: str = option("swiglu", "MLP kind: `swiglu` or `relu2` (down(relu(x W)^2), one input matrix)",
+                      choices=("swiglu", "relu2"))
+    value_embeds: bool = option(False, "gated value embeddings: every other block (the last always) adds a per-token "
+                                "embedding to its values, gated per kv head")
+    resid_lambdas: bool = option(False, "learnable residual/x0 lambdas: before block i, x = a_i x + b_i x0 (x0: the "
+                                 "input embedding)")
+    logit_softcap: float = option(0.0, "squash the logits to (-c, c) with c tanh(logits / c) (0 = off; nanochat: 15)")
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "multiple_of"):
@@ -58,6 +66,8 @@ class ModelConfig:
                      "init_std_last"):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _check(self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 = off)")
+        _check_choices(self)
         _check(self.d_model % self.n_heads == 0, "n_heads",
                f"must divide d_model={self.d_model}; pick n_heads from {_divisors(self.d_model)}")
         _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
@@ -94,7 +104,8 @@ class ModelConfig:
 # With these switches and a uniform MLP (`llama_equivalent`), Blueberry is transformers' LlamaForCausalLM:
 # the same function of the same weights (tested), initialized the way Llama is.
 LLAMA_SWITCHES = dict(embed_scale=False, sandwich_norm=False, qk_norm=False, attn_gate=False,
-                      zero_init=False, depth_init=False)
+                      zero_init=False, depth_init=False, mlp="swiglu", value_embeds=False, resid_lambdas=False,
+                      logit_softcap=0.0)
 INIT_SWITCHES = ("zero_init", "depth_init")
 
 
@@ -128,6 +139,11 @@ class TrainConfig:
     muon_momentum: float = option(0.95, "Muon (Nesterov) momentum")
     muon_momentum_warmup_steps: int = option(300, "steps over which momentum ramps from 0.85 (0 = off)")
     muon_weight_decay: float = option(0.0, "Muon decoupled weight decay")
+    muon_polar_express: bool = option(False, "Muon orthogonalizes with Polar Express's per-step coefficients instead "
+                                      "of the fixed quintic")
+    normuon: bool = option(False, "NorMuon: each neuron of Muon's update divided by its running RMS, the update's "
+                           "norm kept (not under --parallel fsdp yet)")
+    cautious_weight_decay: bool = option(False, "Muon's weight decay only where the update moves a weight toward zero")
     adamw_lr: float = option(0.003, "AdamW learning rate (embeddings, head, norms)")
     adamw_beta1: float = option(0.9, "AdamW beta1")
     adamw_beta2: float = option(0.95, "AdamW beta2")

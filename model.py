@@ -1,9 +1,10 @@
 """The Blueberry decoder: a Llama-style transformer with a few well-tested upgrades.
 
 Read top to bottom: RMSNorm, RoPE, the fused head + loss, the KV cache, Attention (fused QKV, GQA, QK-norm, gated
-output), MLP (SwiGLU, pyramidal widths), Block (sandwich norm), Blueberry (embedding, blocks,
-head, init). Every upgrade has a `ModelConfig` switch; with config.LLAMA_SWITCHES and equal ffn
-multipliers this is exactly `transformers.LlamaForCausalLM` (llama.py maps the weights).
+output, gated value embeddings), MLP (SwiGLU or ReLU², pyramidal widths), Block (sandwich norm), Blueberry
+(embedding, residual/x0 lambdas, blocks, head with an optional logit soft-cap, init). Every upgrade has a
+`ModelConfig` switch; with config.LLAMA_SWITCHES and equal ffn multipliers this is exactly
+`transformers.LlamaForCausalLM` (llama.py maps the weights).
 """
 
 import dataclasses
@@ -54,16 +55,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     fresh allocations that large cost page faults on every step. Here the softmax statistics are
     computed in row chunks, and backward turns each chunk of logits into its gradient and feeds it
     straight into the two matmuls, so only the logits are ever vocab-sized. They are returned too
-    (without gradient).
+    (without gradient). `softcap` > 0 squashes the logits first: softcap * tanh(logits / softcap).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets):
+    def forward(ctx, x, weight, targets, softcap=0.0):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             x, weight = x.to(dtype), weight.to(dtype)
             logits = x @ weight.t()
+            if softcap:
+                logits = torch.tanh(logits / softcap).mul_(softcap)
             lse = torch.empty(logits.size(0), device=x.device, dtype=torch.float32)
             for rows in _row_chunks(logits):
                 lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
@@ -71,6 +74,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             target_logits = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
             loss = ((lse - target_logits) * valid).sum() / valid.sum()
         ctx.save_for_backward(x, weight, logits, lse, targets)
+        ctx.softcap = softcap
         ctx.mark_non_differentiable(logits)
         ctx.set_materialize_grads(False)  # else backward is handed a zero "gradient" of the logits: vocab-sized too
         return logits, loss
@@ -85,10 +89,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             # d loss / d logits = (softmax - one_hot(target)) * scale, zero on ignored rows
             g = (logits[rows].float() - lse[rows, None]).exp_()
             g[torch.arange(g.size(0), device=g.device), targets[rows].clamp(min=0)] -= 1.0
-            g = g.mul_(scale[rows, None]).to(weight.dtype)
+            g = g.mul_(scale[rows, None])
+            if ctx.softcap:  # through the cap: d(c tanh(z / c))/dz = 1 - (capped / c)^2
+                g.mul_(1 - (logits[rows].float() / ctx.softcap).square())
+            g = g.to(weight.dtype)
             torch.mm(g, weight, out=grad_x[rows])
             grad_w.addmm_(g.t(), x[rows])
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def _row_chunks(matrix):
@@ -174,8 +181,16 @@ def attention_mask(slots, end: int, pad=None):
     return mask[:, None]
 
 
+VE_GATE_CHANNELS = 12  # input channels the value-embedding gate reads (nanochat's)
+
+
+def has_value_embed(cfg: ModelConfig, layer: int) -> bool:
+    """With cfg.value_embeds, every other block has a value embedding, the last one always (nanochat's layout)."""
+    return cfg.value_embeds and layer % 2 == (cfg.n_layers - 1) % 2
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -189,13 +204,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
+        # gated value embeddings (nanochat): blocks that get one add it to v, gated per kv head from the first
+        # channels of the input; the gate starts at zero, i.e. half its (0, 3) range
+        self.ve_gate = (nn.Linear(min(VE_GATE_CHANNELS, cfg.d_model), cfg.n_kv_heads, bias=False)
+                        if has_value_embed(cfg, layer) else None)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0, ve=None):
         B, T, _ = x.shape
         q, k, v, *gate = self.qkv(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if ve is not None:  # value embedding of each token, through its gate
+            gate_ve = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + gate_ve.unsqueeze(-1) * ve.view_as(v).type_as(v)
         if self.q_norm is not None:  # QK-norm: each head over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -218,15 +240,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul; or ReLU² (kind="relu2",
+    modded-nanogpt's and nanochat's): down(relu(w_in(x))^2), one input matrix."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, kind: str = "swiglu"):
         super().__init__()
-        self.hidden = hidden
-        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.hidden, self.kind = hidden, kind
+        self.w_in = nn.Linear(d_model, (2 if kind == "swiglu" else 1) * hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
+        if self.kind == "relu2":
+            return self.down(F.relu(self.w_in(x)).square())
         gate, up = self.w_in(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
@@ -236,16 +261,16 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.pre_attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.pre_mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.ffn_hidden(layer))
+        self.mlp = MLP(cfg.d_model, cfg.ffn_hidden(layer), cfg.mlp)
         # sandwich norm: also normalize each sublayer's output before it joins the residual
         self.post_attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
         self.post_mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.dropout(self.post_attn_norm(self.attn(self.pre_attn_norm(x), cos, sin, mask, cache, self.layer)))
+    def forward(self, x, cos, sin, mask=None, cache=None, ve=None):
+        x = x + self.dropout(self.post_attn_norm(self.attn(self.pre_attn_norm(x), cos, sin, mask, cache, self.layer, ve)))
         x = x + self.dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))))
         return x
 
@@ -258,6 +283,13 @@ class Blueberry(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # value embeddings (value_embeds): per-token vectors added to the values of every other block
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(cfg.vocab_size, kv_dim)
+                                           for i in range(cfg.n_layers) if has_value_embed(cfg, i)})
+        # residual/x0 lambdas (resid_lambdas): before block i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0
+        self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layers)) if cfg.resid_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.zeros(cfg.n_layers)) if cfg.resid_lambdas else None
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -283,8 +315,14 @@ class Blueberry(nn.Module):
                 else:
                     nn.init.zeros_(block.attn.o_proj.weight)
                     nn.init.zeros_(block.mlp.down.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
         if cfg.zero_init and self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)  # uniform next-token distribution at step 0
+        if cfg.resid_lambdas:  # nanochat's: early blocks keep more of the stream and mix in more of x0
+            frac = torch.arange(cfg.n_layers) / max(cfg.n_layers - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+            self.x0_lambdas.copy_(0.20 - 0.15 * frac)
 
     def make_cache(self, batch_size: int, max_len: int | None = None, pad=None) -> KVCache:
         """An empty KVCache for `batch_size` rows of up to `max_len` tokens (default: the context), in the
@@ -317,17 +355,23 @@ class Blueberry(nn.Module):
         x = self.embed(idx)
         if self.cfg.embed_scale:
             x = x * math.sqrt(self.cfg.d_model)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, cache)
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, mask, cache, ve)
         if isinstance(logits_to_keep, torch.Tensor):
             x = x[torch.arange(B, device=x.device), logits_to_keep, None]
         else:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        cap = self.cfg.logit_softcap
         if targets is None:
-            return F.linear(x, head)
-        logits, loss = LinearCrossEntropy.apply(x.reshape(B * T, -1), head, targets.reshape(-1))
+            logits = F.linear(x, head)
+            return torch.tanh(logits / cap) * cap if cap else logits
+        logits, loss = LinearCrossEntropy.apply(x.reshape(B * T, -1), head, targets.reshape(-1), cap)
         return logits.view(B, T, -1), loss
 
     @torch.no_grad()
@@ -338,11 +382,12 @@ class Blueberry(nn.Module):
         old = self.cfg.vocab_size
         if vocab_size < old:
             raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
-        for module in (self.embed, self.lm_head):
+        for module in (self.embed, self.lm_head, *self.value_embeds.values()):
             if module is not None:
                 grown = torch.cat((module.weight, module.weight.mean(0, keepdim=True).expand(vocab_size - old, -1)))
                 module.weight = nn.Parameter(grown)
-        self.embed.num_embeddings = vocab_size
+        for module in (self.embed, *self.value_embeds.values()):
+            module.num_embeddings = vocab_size
         if self.lm_head is not None:
             self.lm_head.out_features = vocab_size
         self.cfg = dataclasses.replace(self.cfg, vocab_size=vocab_size)
@@ -353,7 +398,8 @@ class Blueberry(nn.Module):
         splits = {}
         for i, block in enumerate(self.blocks):
             splits[f"blocks.{i}.attn.qkv.weight"] = block.attn.split
-            splits[f"blocks.{i}.mlp.w_in.weight"] = (block.mlp.hidden, block.mlp.hidden)
+            if block.mlp.kind == "swiglu":
+                splits[f"blocks.{i}.mlp.w_in.weight"] = (block.mlp.hidden, block.mlp.hidden)
         return splits
 
     def flops_per_token(self) -> float:
@@ -367,13 +413,15 @@ class Blueberry(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
             n -= self.embed.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
+            n -= sum(e.weight.numel() for e in self.value_embeds.values())
         return n
 
     def summary(self) -> str:
         cfg = self.cfg
         widths = [cfg.ffn_hidden(i) for i in range(cfg.n_layers)]
         on = [name for name in ("embed_scale", "sandwich_norm", "qk_norm", "attn_gate", "zero_init", "depth_init",
-                                "tie_embeddings") if getattr(cfg, name)]
+                                "tie_embeddings", "value_embeds", "resid_lambdas") if getattr(cfg, name)]
+        on += [f"{cfg.mlp} MLP"] * (cfg.mlp != "swiglu") + [f"logit soft-cap {cfg.logit_softcap:g}"] * bool(cfg.logit_softcap)
         return (f"Blueberry: {self.num_params() / 1e6:.2f}M params ({self.num_params(False) / 1e6:.2f}M without "
                 f"embeddings) | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / "
                 f"{cfg.n_kv_heads} kv, context {cfg.max_seq_len}, vocab {cfg.vocab_size} | "

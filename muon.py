@@ -11,7 +11,10 @@ settings it takes the same steps as `torch.optim.Muon`, and adds:
   fused QKV weight; the model names them, Blueberry.muon_splits) is orthogonalized per
   projection, as if each projection were its own parameter;
 - distribution: under torch.distributed each rank orthogonalizes its share of the
-  matrices and the results are all-gathered, so every rank takes the same step.
+  matrices and the results are all-gathered, so every rank takes the same step;
+- the 2026 variants, each a switch that is off by default: Polar Express coefficients
+  (`polar_express`), NorMuon's per-neuron normalization (`normuon`), cautious weight decay
+  (`cautious_wd`), as modded-nanogpt and nanochat use them.
 """
 
 import math
@@ -24,6 +27,15 @@ from torch.distributed.tensor import DTensor
 from common import native_bf16, world_info
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic that maximizes the slope at zero (Keller Jordan)
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): one quintic per step, optimal for 5 steps with a 2%
+# safety margin, as nanochat and modded-nanogpt use it; the input is normalized to a 1.02x Frobenius norm.
+# Steps past the fifth repeat the last.
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+POLAR_EXPRESS_SAFETY = 1.02
 NS_EPS = 1e-7  # floor of the Frobenius norm, as in torch.optim.Muon
 ADJUST_LR = ("original", "match_rms_adamw")
 GRAM_RESTART = 3  # steps of the rows x rows iteration between recomputations of X X^T
@@ -43,14 +55,16 @@ def default_ns_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None,
+                                polar_express: bool = False) -> torch.Tensor:
     """Orthogonalize G (..., rows, cols): U S V^T -> ~U V^T, for every matrix in the leading dims.
 
     Five quintic steps do not converge to U V^T but to U S' V^T with S' in ~[0.7, 1.2], which
     trains as well and costs far fewer steps. The iteration runs on the wide orientation so
     that the Gram matrix X X^T is the smaller square, and on that square alone when the matrix
     is wide enough for it to save work (see _newton_schulz_gram). Computes and returns `dtype`
-    (default: default_ns_dtype(G.device)); the result is torch.optim.Muon's, batched.
+    (default: default_ns_dtype(G.device)); the result is torch.optim.Muon's, batched. `polar_express`: Polar
+    Express's per-step coefficients instead of the fixed quintic, which land the singular values nearer 1.
     """
     if G.ndim < 2:
         raise ValueError(f"zeropower_via_newtonschulz5 needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
@@ -61,23 +75,30 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dt
     X = X.reshape(-1, *wide_shape[-2:])
     # Frobenius norm >= spectral norm, so every singular value starts in [0, 1], where the iteration works.
     norm = X.norm(dim=(-2, -1), keepdim=True).clamp_min(NS_EPS)
+    if polar_express:
+        norm = norm * POLAR_EXPRESS_SAFETY
     X = torch.div(X, norm, out=torch.empty_like(X))  # keeps a tall input's layout: no transposing copy
     rows, cols = wide_shape[-2:]
-    if _gram_flops(rows, cols, steps) < _plain_flops(rows, cols, steps):
-        X = _newton_schulz_gram(X, steps)
+    # Polar Express's large first step (a = 8.2) amplifies the Gram path's rounding in bf16: plain steps only
+    if not polar_express and _gram_flops(rows, cols, steps) < _plain_flops(rows, cols, steps):
+        X = _newton_schulz_gram(X, steps, polar_express)
     else:
-        X = _newton_schulz_plain(X, steps)
+        X = _newton_schulz_plain(X, steps, polar_express)
     X = X.reshape(wide_shape)
     return X.mT if tall else X
 
 
-def _newton_schulz_plain(X: torch.Tensor, steps: int) -> torch.Tensor:
+def _coefficients(steps: int, polar_express: bool) -> list:
+    """(a, b, c) of each step: the fixed quintic, or Polar Express's."""
+    return [POLAR_EXPRESS_COEFFS[min(k, 4)] if polar_express else NS_COEFFS for k in range(steps)]
+
+
+def _newton_schulz_plain(X: torch.Tensor, steps: int, polar_express: bool = False) -> torch.Tensor:
     """X <- a X + (b A + c A^2) X with A = X X^T, on a batch of wide matrices (torch.optim.Muon's steps).
 
     A tall matrix arrives as a wide view of itself (X = T.mT) and is iterated in its own layout,
     transposed (T <- a T + T B^T): out= buffers must be contiguous, or matmul takes a slow path.
     """
-    a, b, c = NS_COEFFS
     transposed = _is_transposed(X)
     if transposed:
         X = X.mT
@@ -86,7 +107,7 @@ def _newton_schulz_plain(X: torch.Tensor, steps: int) -> torch.Tensor:
     Y = torch.empty_like(X)
     A = X.new_empty(X.size(0), min(X.shape[-2:]), min(X.shape[-2:]))
     B = torch.empty_like(A)
-    for _ in range(steps):
+    for a, b, c in _coefficients(steps, polar_express):
         if transposed:
             torch.bmm(X.mT, X, out=A)
             torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
@@ -104,7 +125,7 @@ def _is_transposed(X: torch.Tensor) -> bool:
     return X.size(-1) > 1 and X.stride(-2) == 1
 
 
-def _newton_schulz_gram(X: torch.Tensor, steps: int) -> torch.Tensor:
+def _newton_schulz_gram(X: torch.Tensor, steps: int, polar_express: bool = False) -> torch.Tensor:
     """The same iteration run on the rows x rows side: cheaper when cols >> rows.
 
     Every step multiplies X on the left by P = a I + b A + c A^2, a polynomial in A_0 = X_0 X_0^T,
@@ -115,9 +136,8 @@ def _newton_schulz_gram(X: torch.Tensor, steps: int) -> torch.Tensor:
     ill-conditioned inputs), so every GRAM_RESTART steps X is formed and A recomputed from it:
     with restarts every 3 steps the output matches the plain iteration's in quality.
     """
-    a, b, c = NS_COEFFS
     Q = None
-    for k in range(steps):
+    for k, (a, b, c) in enumerate(_coefficients(steps, polar_express)):
         if k % GRAM_RESTART == 0:  # (re)start from X itself
             if Q is not None:
                 X = _left_multiply(Q, X)
@@ -180,11 +200,15 @@ class Muon(torch.optim.Optimizer):
     parameter ({parameter: row counts}; the whole matrix when it has none). `ns_dtype` picks the Newton-Schulz
     precision (default: default_ns_dtype of the parameters' device). Under torch.distributed,
     gradients must already be averaged (DDP does that); every rank then takes the same step.
+    Switches, all off by default (off: exactly the step above): `polar_express` (zeropower_via_newtonschulz5's),
+    `normuon` (normuon_ on each orthogonalized piece, running mean squares with `normuon_beta2`; not under fsdp
+    yet), `cautious_wd` (decay only the entries whose update moves them toward zero, as nanochat).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  weight_decay: float = 0.0, adjust_lr: str = "original", ns_dtype: torch.dtype | None = None,
-                 splits: dict | None = None):
+                 splits: dict | None = None, polar_express: bool = False, normuon: bool = False,
+                 normuon_beta2: float = 0.95, cautious_wd: bool = False):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -195,10 +219,13 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"ns_steps must be a positive integer, got {ns_steps!r}")
         if adjust_lr not in ADJUST_LR:
             raise ValueError(f"adjust_lr must be one of {ADJUST_LR}, got {adjust_lr!r}")
+        if not 0.0 <= normuon_beta2 < 1.0:
+            raise ValueError(f"normuon_beta2 must be in [0, 1), got {normuon_beta2}")
         self.ns_dtype = ns_dtype
         self.splits = {id(p): tuple(rows) for p, rows in (splits or {}).items()}  # by identity: tensors' == is elementwise
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, adjust_lr=adjust_lr)
+                        weight_decay=weight_decay, adjust_lr=adjust_lr, polar_express=polar_express, normuon=normuon,
+                        normuon_beta2=normuon_beta2, cautious_wd=cautious_wd)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -207,6 +234,8 @@ class Muon(torch.optim.Optimizer):
         for p in params:
             if isinstance(p, torch.Tensor):  # anything else: the base class raises its TypeError
                 _check_matrix(p, self.splits.get(id(p)))
+            if isinstance(p, DTensor) and param_group.get("normuon", self.defaults["normuon"]):
+                raise ValueError("normuon is not supported under --parallel fsdp yet; use ddp or switch it off")
         super().add_param_group({**param_group, "params": params})
 
     @torch.no_grad()
@@ -235,11 +264,18 @@ class Muon(torch.optim.Optimizer):
         # Each ortho group's outputs arrive (all-gathered under torch.distributed) while the next is computed.
         pieces = _same_shape_pieces(params, bufs, self.splits)
         pending = [self._orthogonalize(same_shape, group) for same_shape in pieces.values()]
-        if wd > 0:
+        cautious = group.get("cautious_wd", False)  # .get: a checkpoint's groups from before the switches lack them
+        if wd > 0 and not cautious:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         for pieces, ortho, work in pending:
             if work is not None:
                 work.wait()
+            if group.get("normuon", False):
+                ortho = [normuon_(update, self._second_moment(piece, update), group["normuon_beta2"])
+                         for piece, update in zip(pieces, ortho)]
+            if wd > 0 and cautious:
+                for piece, update in zip(pieces, ortho):
+                    cautious_decay_(piece.target, update, lr * wd)
             _add_updates([(piece.target, update, adjusted_lr(lr, *piece.shape, group["adjust_lr"]))
                           for piece, update in zip(pieces, ortho)])
 
@@ -248,6 +284,13 @@ class Muon(torch.optim.Optimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
+
+    def _second_moment(self, piece, update: torch.Tensor) -> torch.Tensor:
+        """NorMuon's running mean square per neuron of this piece (one per piece of a fused weight)."""
+        state, key = self.state[piece.param], f"normuon_{piece.start}"
+        if key not in state:
+            state[key] = torch.zeros(_neuron_shape(update.shape), device=update.device, dtype=torch.float32)
+        return state[key]
 
     def _orthogonalize(self, pieces: list, group: dict):
         """Orthogonalize this rank's share of `pieces` (all one wide shape) and start gathering the rest.
@@ -271,7 +314,7 @@ class Muon(torch.optim.Optimizer):
             else:
                 slot.copy_(piece.buf)
         if mine:
-            stack = zeropower_via_newtonschulz5(stack, group["ns_steps"], dtype)
+            stack = zeropower_via_newtonschulz5(stack, group["ns_steps"], dtype, group.get("polar_express", False))
         if world == 1:
             return pieces, stack, None
         if len(mine) < share:  # pad to the common share size; the padding is sent, never read
@@ -294,14 +337,39 @@ class Muon(torch.optim.Optimizer):
         shards = _Shards(params, splits)
         wholes = shards.to_owners(blends)  # {index: whole matrix} of those this rank owns
         for same_shape in _pieces_by_shape(wholes, splits).values():
-            torch._foreach_copy_(same_shape, list(zeropower_via_newtonschulz5(torch.stack(same_shape),
-                                                                              group["ns_steps"], dtype)))
+            torch._foreach_copy_(same_shape, list(zeropower_via_newtonschulz5(
+                torch.stack(same_shape), group["ns_steps"], dtype, group.get("polar_express", False))))
         updates = shards.from_owners(wholes, blends[0])  # this rank's rows of each orthogonalized matrix
-        if wd > 0:
+        if wd > 0 and group.get("cautious_wd", False):  # elementwise: on this rank's rows as on the whole
+            for target, update in zip(local, updates):
+                cautious_decay_(target, update, lr * wd)
+        elif wd > 0:
             torch._foreach_mul_(local, 1.0 - lr * wd)
         _add_updates([(target[lo:hi], update[lo:hi], adjusted_lr(lr, length, p.size(1), group["adjust_lr"]))
                       for p, target, update, split, (first, _) in zip(params, local, updates, splits, shards.mine)
                       for lo, hi, length in _overlaps(first, target.size(0), split)])
+
+
+def _neuron_shape(shape) -> tuple:
+    """NorMuon's neurons: the rows of a tall or square update (one mean square each), the columns of a wide one."""
+    rows, cols = shape
+    return (rows, 1) if rows >= cols else (1, cols)
+
+
+def normuon_(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (Li et al. 2025, arXiv 2510.05491; nanochat's form): fold each neuron's mean square into its
+    running average (`second_moment`, in place), divide the neuron by the root of that, and rescale to the
+    update's own Frobenius norm, so only the balance between neurons changes. Returns the new update."""
+    u = update.float()
+    second_moment.lerp_(u.square().mean(dim=-1 if second_moment.size(-1) == 1 else -2, keepdim=True), 1 - beta2)
+    scaled = u * second_moment.clamp_min(1e-10).rsqrt()
+    return (scaled * (u.norm() / scaled.norm().clamp_min(1e-10))).to(update.dtype)
+
+
+def cautious_decay_(param: torch.Tensor, update: torch.Tensor, decay: float) -> None:
+    """Cautious weight decay (Chen et al. 2025, as nanochat): param *= 1 - decay only where the update (applied as
+    param -= lr * update) moves the entry toward zero, i.e. update and param share a sign."""
+    param.mul_(1 - decay * (update * param >= 0))
 
 
 def _add_updates(triples: list) -> None:
@@ -394,7 +462,7 @@ class _Piece:
     """A row block of one parameter (the whole matrix when it has no split) and its views."""
 
     def __init__(self, param: torch.Tensor, buf: torch.Tensor, start: int, length: int):
-        self.param = param
+        self.param, self.start = param, start
         self.target = param.narrow(0, start, length)
         self.grad = param.grad.narrow(0, start, length)
         self.buf = buf.narrow(0, start, length)
@@ -411,6 +479,9 @@ def _same_shape_pieces(params: list, bufs: list, splits: dict) -> dict:
             groups[(piece.shape, p.device, p.dtype)].append(piece)
             start += length
     return groups
+
+
+MUON_SWITCHES = dict(polar_express="muon_polar_express", normuon="normuon", cautious_wd="cautious_weight_decay")
 
 
 def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
@@ -434,8 +505,10 @@ def build_optimizers(model: torch.nn.Module, train_cfg) -> list:
               dict(params=[p for p in rest if p.ndim < 2], weight_decay=0.0)]
     optimizers = []
     if hidden:
+        # getattr: a config without the recipe switches (RLConfig's own fields) runs them off
+        variants = {name: getattr(train_cfg, field, False) for name, field in MUON_SWITCHES.items()}
         optimizers.append(Muon(hidden, lr=train_cfg.muon_lr, momentum=train_cfg.muon_momentum,
-                               weight_decay=train_cfg.muon_weight_decay,
+                               weight_decay=train_cfg.muon_weight_decay, **variants,
                                splits={p: rows for p, rows in splits.items() if id(p) in hidden_ids}))
     if rest:
         optimizers.append(torch.optim.AdamW([g for g in groups if g["params"]], lr=train_cfg.adamw_lr,

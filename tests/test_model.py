@@ -10,6 +10,9 @@ from model import Blueberry, LinearCrossEntropy
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=48)
 LLAMA = dict(**LLAMA_SWITCHES, ffn_mult_first=2.0, ffn_mult_last=2.0)  # the switches and a uniform MLP
+# the 2026 recipe switches (issue 29), each on alone and all together
+RECIPE = [dict(mlp="relu2"), dict(value_embeds=True), dict(resid_lambdas=True), dict(logit_softcap=3.0),
+          dict(mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=3.0, n_layers=4)]
 
 
 def randomized(model, std=0.2, seed=0):
@@ -26,7 +29,7 @@ def tiny(**overrides):
     return Blueberry(ModelConfig(**{**TINY, **overrides}))
 
 
-@pytest.mark.parametrize("overrides", [{}, LLAMA, dict(n_kv_heads=4), dict(n_kv_heads=1, tie_embeddings=True)])
+@pytest.mark.parametrize("overrides", [{}, LLAMA, dict(n_kv_heads=4), dict(n_kv_heads=1, tie_embeddings=True), *RECIPE])
 def test_causal(overrides):
     model = randomized(tiny(**overrides))
     idx = torch.randint(0, 97, (2, 20))
@@ -37,7 +40,7 @@ def test_causal(overrides):
     assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("overrides", [{}, LLAMA])
+@pytest.mark.parametrize("overrides", [{}, LLAMA, *RECIPE])
 def test_kv_cache_equals_full_recompute(overrides):
     model = randomized(tiny(**overrides))
     idx = torch.randint(0, 97, (3, 40))
@@ -53,7 +56,7 @@ def test_kv_cache_equals_full_recompute(overrides):
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [{}, LLAMA])
+@pytest.mark.parametrize("overrides", [{}, LLAMA, RECIPE[-1]])
 def test_left_padded_batch_in_the_cache_equals_each_row_alone(overrides):
     """Prompts of different lengths share one cache, right-aligned behind left padding: each row's logits,
     for the prompt and for every token decoded after it, are those of the row run alone."""
@@ -314,3 +317,110 @@ def test_resize_token_embeddings_grows_with_mean_rows_and_keeps_the_rest(tied):
     assert model(torch.tensor([[100]])).shape == (1, 1, 101)
     with pytest.raises(ValueError, match="shrink"):
         model.resize_token_embeddings(50)
+
+
+def test_a_config_without_the_recipe_switches_is_todays_model():
+    """A config.json written before the switches existed loads with them off: the same parameters, the same
+    initial weights and the same logits as a model built with them explicitly off."""
+    import dataclasses
+    new = {"mlp", "value_embeds", "resid_lambdas", "logit_softcap"}
+    old = {k: v for k, v in dataclasses.asdict(ModelConfig(**TINY)).items() if k not in new}
+    cfg = ModelConfig(**old)
+    assert (cfg.mlp, cfg.value_embeds, cfg.resid_lambdas, cfg.logit_softcap) == ("swiglu", False, False, 0.0)
+    torch.manual_seed(0)
+    a = Blueberry(cfg)
+    b = tiny(mlp="swiglu", value_embeds=False, resid_lambdas=False, logit_softcap=0.0)
+    names = {"embed.weight", "norm.weight", "lm_head.weight"} | {
+        f"blocks.{i}.{n}.weight" for i in range(3) for n in ("pre_attn_norm", "attn.qkv", "attn.q_norm", "attn.k_norm",
+                                                             "attn.o_proj", "pre_mlp_norm", "mlp.w_in", "mlp.down",
+                                                             "post_attn_norm", "post_mlp_norm")}
+    assert set(a.state_dict()) == set(b.state_dict()) == names
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in names)
+    a, b = randomized(a), randomized(b)
+    idx = torch.randint(0, 97, (2, 20))
+    assert torch.equal(a(idx), b(idx)) and torch.equal(a(idx, idx)[1], b(idx, idx)[1])
+
+
+def test_recipe_switches_at_their_neutral_values_compute_todays_function():
+    """Each switch changes only what it names: value embeddings of zero, lambdas (1, 0) and a huge cap give the
+    same logits as the model without them, from the same weights."""
+    base = randomized(tiny())
+    idx = torch.randint(0, 97, (2, 20))
+    for overrides in (dict(value_embeds=True), dict(resid_lambdas=True), dict(logit_softcap=1e6)):
+        model = randomized(tiny(**overrides))
+        model.load_state_dict(base.state_dict(), strict=False)
+        with torch.no_grad():
+            for e in model.value_embeds.values():
+                e.weight.zero_()
+            if model.resid_lambdas is not None:
+                model.resid_lambdas.fill_(1.0)
+                model.x0_lambdas.zero_()
+        torch.testing.assert_close(model(idx), base(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_value_embeddings_every_other_block_from_the_last_and_on_adamw():
+    from config import TrainConfig
+    from muon import Muon, build_optimizers
+    model = tiny(value_embeds=True, n_layers=4)
+    assert sorted(model.value_embeds) == ["1", "3"]
+    assert [b.attn.ve_gate is not None for b in model.blocks] == [False, True, False, True]
+    assert all(b.attn.ve_gate.weight.abs().sum() == 0 for b in model.blocks[1::2])  # gates start at zero
+    assert model.value_embeds["1"].weight.shape == (97, 2 * 16)
+    muon, adamw = build_optimizers(model, TrainConfig())
+    on_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert isinstance(muon, Muon) and id(model.blocks[1].attn.ve_gate.weight) in on_muon
+    assert not any(id(e.weight) in on_muon for e in model.value_embeds.values())
+    model.resize_token_embeddings(101)  # chat tokens grow the value embeddings too
+    assert model.value_embeds["3"].weight.shape == (101, 32) and model(torch.tensor([[100]])).shape == (1, 1, 101)
+
+
+def test_resid_lambdas_start_as_nanochats_and_train_on_adamw():
+    from config import TrainConfig
+    from muon import build_optimizers
+    model = tiny(resid_lambdas=True)
+    torch.testing.assert_close(model.resid_lambdas.detach(), torch.tensor([1.15, 1.10, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas.detach(), torch.tensor([0.20, 0.125, 0.05]))
+    idx = torch.randint(0, 97, (2, 16))
+    assert abs(model(idx, idx)[1].item() - math.log(97)) < 1e-5  # the zero head still starts uniform
+    adamw = build_optimizers(model, TrainConfig())[-1]
+    assert any(p is model.x0_lambdas for g in adamw.param_groups if g["weight_decay"] == 0 for p in g["params"])
+
+
+def test_relu2_mlp_has_one_input_matrix_and_no_muon_split():
+    model = randomized(tiny(mlp="relu2"))
+    mlp = model.blocks[0].mlp
+    assert mlp.w_in.weight.shape == (128, 64) and "blocks.0.mlp.w_in.weight" not in model.muon_splits()
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(mlp(x), F.relu(x @ mlp.w_in.weight.t()).square() @ mlp.down.weight.t())
+    assert tiny(mlp="relu2").num_params() < tiny().num_params()
+
+
+def test_logit_softcap_bounds_the_logits_and_its_fused_gradients_match_autograd():
+    model = randomized(tiny(logit_softcap=2.0), std=0.5)
+    idx = torch.randint(0, 97, (2, 16))
+    logits, loss = model(idx, idx)
+    assert logits.abs().max() <= 2.0 and torch.equal(logits, model(idx))
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 97), idx.view(-1)))
+    torch.manual_seed(0)
+    x = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3000, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 3000, (300,))
+    t[::7] = -100
+    LinearCrossEntropy.apply(x, w, t, 3.0)[1].backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    F.cross_entropy(3.0 * torch.tanh(x @ w.t() / 3.0), t, ignore_index=-100).backward()
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], w.grad)
+
+
+def test_recipe_switches_are_not_llama():
+    from config import llama_equivalent
+    for overrides in RECIPE[:4]:
+        cfg = ModelConfig(**TINY, **overrides)
+        assert list(overrides)[0] in cfg.non_llama_features()
+        assert llama_equivalent(cfg).non_llama_features() == []
+    with pytest.raises(ValueError, match="mlp"):
+        ModelConfig(**TINY, mlp="gelu")
+    with pytest.raises(ValueError, match="logit_softcap"):
+        ModelConfig(**TINY, logit_softcap=-1.0)

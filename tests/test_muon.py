@@ -331,3 +331,88 @@ def test_distributed_step_matches_single_process(tmp_path):
         torch.testing.assert_close(q0, p.detach(), rtol=0, atol=1e-6)
     # 7 matrices per step (3 squares, the tall one, 3 pieces), each orthogonalized on one rank only
     assert ranks[0]["orthogonalized"] + ranks[1]["orthogonalized"] == 7
+
+
+# The 2026 variants (issue 29): switches that are off by default, and off take exactly the step above.
+
+def test_recipe_switches_off_take_torch_muons_step(fp32_torch_muon):
+    """A TrainConfig without the switches (a run from before them) builds a Muon with them off, and that Muon steps
+    as torch.optim.Muon does, also after loading a state dict whose groups lack the switches."""
+    import dataclasses
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig()).items()
+           if k not in ("muon_polar_express", "normuon", "cautious_weight_decay")}
+    model = StandIn()
+    opt = build_optimizers(model, TrainConfig(**old))[0]
+    assert isinstance(opt, Muon)
+    assert [opt.defaults[k] for k in ("polar_express", "normuon", "cautious_wd")] == [False, False, False]
+    ours, theirs = make_params(SHAPES), make_params(SHAPES)
+    opt = Muon(ours, weight_decay=0.1, ns_dtype=FP32, polar_express=False, normuon=False, cautious_wd=False)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        for key in ("polar_express", "normuon", "normuon_beta2", "cautious_wd"):
+            del group[key]
+    opt.load_state_dict(state)
+    run_steps(opt, ours, steps=3)
+    run_steps(torch.optim.Muon(theirs, lr=0.02, momentum=0.95, weight_decay=0.1), theirs, steps=3)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("shape", [(32, 32), (24, 56), (56, 24), (64, 512), (2, 3, 16, 40)])
+def test_polar_express_lands_singular_values_nearer_one(dtype, shape):
+    g = with_spectrum(shape, torch.Generator().manual_seed(0))
+    quintic = torch.linalg.svdvals(zeropower_via_newtonschulz5(g, dtype=dtype).float())
+    polar = torch.linalg.svdvals(zeropower_via_newtonschulz5(g, dtype=dtype, polar_express=True).float())
+    assert polar.min() > 0.84 and polar.max() < 1.16, (polar.min(), polar.max())
+    assert (polar - 1).abs().mean() < (quintic - 1).abs().mean()
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (24, 24)])
+def test_normuon_balances_neurons_and_keeps_the_norm(shape):
+    u = torch.randn(shape) * torch.logspace(-1, 1, shape[0])[:, None]  # rows of very different sizes
+    v = torch.zeros(muon._neuron_shape(shape))
+    out = muon.normuon_(u, v, beta2=0.95)
+    torch.testing.assert_close(out.norm(), u.norm())
+    neurons = out.norm(dim=1) if shape[0] >= shape[1] else out.norm(dim=0)  # rows of tall/square, columns of wide
+    torch.testing.assert_close(neurons, neurons.mean().expand_as(neurons), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v, 0.05 * u.square().mean(dim=1 if shape[0] >= shape[1] else 0, keepdim=True))
+
+
+def test_normuon_keeps_its_state_per_piece_and_resumes_exactly():
+    params = make_params(SHAPES)
+    opt = Muon(params, normuon=True, polar_express=True, splits={params[2]: (24, 16)})
+    run_steps(opt, params, steps=2)
+    assert set(opt.state[params[2]]) == {"momentum_buffer", "normuon_0", "normuon_24"}
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_params = clone(params)
+    resumed = Muon(resumed_params, splits={resumed_params[2]: (24, 16)})
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    run_steps(opt, params, steps=2, seed=5)
+    run_steps(resumed, resumed_params, steps=2, seed=5)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+
+
+def test_cautious_weight_decay_decays_only_entries_the_update_moves_toward_zero():
+    p = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    muon.cautious_decay_(p, torch.tensor([0.5, -0.5, -0.5, 0.5]), 0.1)
+    assert p.tolist() == pytest.approx([0.9, 1.0, -0.9, -1.0])
+    # in a step: the decayed entries are exactly those where update and weight share a sign
+    ours, plain = make_params([(24, 24)]), make_params([(24, 24)])
+    run_steps(Muon(ours, lr=0.02, weight_decay=0.5, cautious_wd=True, ns_dtype=FP32), ours, steps=1)
+    run_steps(Muon(plain, lr=0.02, weight_decay=0.0, ns_dtype=FP32), plain, steps=1)
+    p0 = make_params([(24, 24)])[0].detach()
+    update = (p0 - plain[0].detach()) / 0.02
+    decayed = update * p0 >= 0
+    torch.testing.assert_close(ours[0].detach(), torch.where(decayed, p0 * 0.99, p0) - 0.02 * update)
+    assert 0 < decayed.float().mean() < 1
+
+
+def test_build_optimizers_passes_the_switches():
+    cfg = TrainConfig(muon_polar_express=True, normuon=True, cautious_weight_decay=True, muon_weight_decay=0.1)
+    opt = build_optimizers(StandIn(), cfg)[0]
+    group = opt.param_groups[0]
+    assert (group["polar_express"], group["normuon"], group["cautious_wd"], group["weight_decay"]) == (True, True, True, 0.1)
