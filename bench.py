@@ -69,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sweep_steps", type=int, default=150, help="steps per sweep run (~ a budget's worth)")
     train.add_argument("--out", default="out_bench", help="folder for the plot and curves")
     ablate = sub.choices["ablate"]
-    ablate.add_argument("--corpus", default="bpe", choices=("bpe", "char"))
+    ablate.add_argument("--corpus", default="bpe", help="bpe or char; `--switches recipe`: comma-separated, e.g. bpe,char")
     ablate.add_argument("--steps", type=int, default=120, help="training steps of the reference (all features)")
+    ablate.add_argument("--switches", default="features", choices=("features", "recipe"),
+                        help="features: each feature off in turn; recipe: each 2026 recipe switch on (issue 29)")
+    ablate.add_argument("--seeds", type=int, default=3, help="`--switches recipe`: seeds per variant and corpus")
+    ablate.add_argument("--variants", default="", help="`--switches recipe`: comma-separated variant names (default all)")
+    ablate.add_argument("--shape", default="cpu", choices=("cpu", "t4"),
+                        help="`--switches recipe`: the cpu preset's model, or the t4 preset's shape on the same data")
     ablate.add_argument("--time_rounds", type=int, default=5, help="rounds of the step-time measurement")
     p = add("stepwise", cmd_stepwise, "arithmetic with steps vs answers only, same model and time", rounds=1,
             warmup=0, tiny=False)

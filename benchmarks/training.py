@@ -170,10 +170,28 @@ def ablation_variants(corpus: str) -> dict:
     cfg, _ = make_configs(TRAIN_PRESET)
     variants = {"all features + Muon": {},
                 "AdamW instead of Muon": dict(optimizer="adamw", adamw_lr=BASELINE_LR[corpus])}
-    variants.update({f"{name} off": {name: False} for name in LLAMA_SWITCHES})
+    variants.update({f"{name} off": {name: value} for name, value in LLAMA_SWITCHES.items() if getattr(cfg, name) != value})
     variants["uniform MLP (no pyramid)"] = uniform_mlp(cfg)
     variants["all features + Muon (again)"] = {}  # pairs with the odd one out, and shows the run-to-run noise
     return variants
+
+
+def recipe_variants(corpus: str) -> dict:
+    """name -> config fields: the current defaults, then each 2026 recipe switch (issue 29) on alone."""
+    return {"defaults": {},
+            "mlp relu2": dict(mlp="relu2"),
+            "mlp relu2, widths x1.5": dict(mlp="relu2", ffn_mult_first=2.25, ffn_mult_last=6.0),  # ~SwiGLU's params
+            "value_embeds": dict(value_embeds=True),
+            "resid_lambdas": dict(resid_lambdas=True),
+            "logit_softcap 15": dict(logit_softcap=15.0),
+            "muon_polar_express": dict(muon_polar_express=True),
+            "normuon": dict(normuon=True),
+            "muon_weight_decay 0.05": dict(muon_weight_decay=0.05),
+            "muon_weight_decay 0.05 cautious": dict(muon_weight_decay=0.05, cautious_weight_decay=True)}
+
+
+SHAPES = {"cpu": {},  # the cpu preset's model; t4: the reference model's shape (the class defaults) on the same data
+          "t4": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=256, batch_size=32)}
 
 
 def step_seconds(variants: dict, vocab_size: int, threads: int, args) -> dict:
@@ -183,7 +201,7 @@ def step_seconds(variants: dict, vocab_size: int, threads: int, args) -> dict:
     dtype = pick_dtype("auto", torch.device("cpu"))
     steps = {}
     for name, fields in variants.items():
-        model_cfg, train_cfg = make_configs(TRAIN_PRESET, vocab_size=vocab_size, **fields)
+        model_cfg, train_cfg = make_configs(TRAIN_PRESET, vocab_size=vocab_size, **SHAPES[args.shape], **fields)
         model = Blueberry(model_cfg)
         x = torch.randint(0, vocab_size, (train_cfg.batch_size, model_cfg.max_seq_len + 1))
         steps[name] = train_step(model, build_optimizers(model, train_cfg), x[:, :-1], x[:, 1:], dtype,
@@ -199,8 +217,11 @@ def step_seconds(variants: dict, vocab_size: int, threads: int, args) -> dict:
 def cmd_ablate(args):
     """Equal time without wall-clock noise: each variant trains for the steps the reference takes in
     args.steps steps' time, by step times measured alternately in one process; the runs themselves are
-    then deterministic (fixed seed and steps), whatever load the machine is under."""
+    then deterministic (fixed seed and steps), whatever load the machine is under.
+    `--switches recipe`: the 2026 recipe switches against the defaults, on each corpus and seed (ablate_recipe)."""
     print(f"machine: {machine()}")
+    if args.switches == "recipe":
+        return ablate_recipe(args)
     variants = ablation_variants(args.corpus)
     ref = next(iter(variants))
     with tempfile.TemporaryDirectory(prefix="bench-ablate-") as tmp:
@@ -217,3 +238,41 @@ def cmd_ablate(args):
                 f"alternately ({TRAIN_THREADS} thread(s), median of {args.time_rounds} rounds x 3 steps); "
                 f"delta > 0: the feature helps", ["variant", "ms/step", "steps", "final val loss", "delta vs all on"],
                 rows)
+
+
+def ablate_recipe(args):
+    """Each recipe switch on alone against the current defaults at equal time (step counts from alternately
+    measured step times, as cmd_ablate), on every corpus in args.corpus and for args.seeds seeds; runs go two
+    at a time, one thread each. Per switch and corpus: the mean of (switch - defaults) final val loss over the
+    seeds, ± half its range; a switch wins a corpus when mean + spread < 0 (lower loss by more than the spread)."""
+    variants = recipe_variants("")
+    if args.variants:  # a subset, the defaults always
+        variants = {name: f for name, f in variants.items() if name == "defaults" or name in args.variants.split(",")}
+    ref, shape = "defaults", flags(**SHAPES[args.shape])
+    corpora_run, deltas, rows = args.corpus.split(","), {}, []
+    with tempfile.TemporaryDirectory(prefix="bench-ablate-") as tmp:
+        for corpus in corpora_run:
+            vocab = prepare_corpus(corpora(args)[corpus], Path(tmp) / "cache").vocab_size
+            seconds = step_seconds(variants, vocab, TRAIN_THREADS, args)
+            n_steps = {name: max(1, round(args.steps * seconds[ref] / t)) for name, t in seconds.items()}
+            print(f"{corpus}: steps at equal time: {n_steps}", flush=True)
+            finals = {name: [] for name in variants}
+            for seed in range(args.seeds):
+                runs = {name: shape + flags(**fields, time_budget=0, max_steps=n_steps[name], seed=1337 + seed)
+                        for name, fields in variants.items()}
+                for name, curves in run_side_by_side(runs, corpus, Path(tmp), args).items():
+                    finals[name].append(curves[0][-1][1])
+            for name in variants:
+                d = [a - b for a, b in zip(finals[name], finals[ref])]
+                mean, spread = statistics.mean(d), (max(d) - min(d)) / 2
+                deltas.setdefault(name, {})[corpus] = (mean, spread)
+                rows.append((f"{corpus}: {name}", f"{seconds[name] * 1e3:.0f}", n_steps[name],
+                             f"{statistics.mean(finals[name]):.4f}", f"{mean:+.4f} ± {spread:.4f}",
+                             "wins" if name != ref and mean + spread < 0 else ""))
+    print_table(f"recipe switches against the defaults at equal time ({args.shape} shape, {args.steps} steps of the "
+                f"defaults, {args.seeds} seeds, {TRAIN_THREADS} thread(s) per run, two runs at once); delta < 0: the "
+                f"switch helps; ± half the range over seeds",
+                ["corpus: variant", "ms/step", "steps", "mean final val loss", "delta vs defaults", ""], rows)
+    winners = [name for name, by in deltas.items() if name != ref and len(by) == len(corpora_run)
+               and all(m + sp < 0 for m, sp in by.values())]
+    print(f"winning on every corpus run ({', '.join(corpora_run)}) by more than the spread: {', '.join(winners) or 'none'}")

@@ -176,3 +176,26 @@ def test_text_stream_sets_the_thinking_apart_in_a_chat_reply():
     assert all("\ufffd" not in t for _, t in pieces)
     plain = TextStream(tokenizer)  # not a chat: the special tokens are not text, the newlines stay
     assert "".join(t for tok in ids for _, t in plain.feed(tok)) == "\n1. 2 + 2 = 4 ✓\n\nfournever said"
+
+
+def test_the_recipe_switches_decode_in_the_engine_as_without_a_cache():
+    """value embeddings, residual/x0 lambdas, a ReLU² MLP and a logit soft-cap (issue 29) through the engine's
+    cached, batched decoding: each request gets the tokens of greedy decoding by full recomputation."""
+    from config import ModelConfig
+    from model import Blueberry
+    from test_inference import greedy_by_recomputation
+    torch.manual_seed(0)
+    recipe = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT,
+                                   mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=5.0))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in recipe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
+    recipe.eval()
+    schedule = {0: [("a", prompt(8), greedy(30), None), ("b", prompt(3), greedy(12), None)],
+                2: [("c", prompt(20), greedy(9), None)]}
+    tokens, _, _ = run(Engine(recipe, max_batch=2), schedule)
+    with torch.no_grad():
+        for batch in schedule.values():
+            for name, ids, params, _ in batch:
+                assert tokens[name] == greedy_by_recomputation(recipe, ids, params.max_new_tokens), name

@@ -380,3 +380,26 @@ def test_a_chat_run_exports_a_chat_model(chat_run, tmp_path):
     end_of_turn = tokenizer.convert_tokens_to_ids(IM_END)
     assert report["prompt"] == prompt
     assert report["reply"] == list(generate(model, prompt, 60, temperature=0, eos_id=end_of_turn))
+
+
+def test_the_recipe_switches_export_with_their_own_code(tmp_path):
+    """ReLU² MLP, gated value embeddings, residual/x0 lambdas and a logit soft-cap (issue 29) are not Llama: the
+    export ships Blueberry's code, and transformers computes the same logits, cached greedy tokens and padded rows."""
+    tokenizer = chat_tokenizer()
+    cfg = tiny_cfg(len(tokenizer), mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=8.0)
+    assert {"mlp", "value_embeds", "resid_lambdas", "logit_softcap"} <= set(cfg.non_llama_features())
+    model = make_run(tmp_path / "run", cfg, tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a fresh model's zero head gives uniform logits: give every weight a value
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    checkpoint.save_model(tmp_path / "run", model, {"dataset": "made by the test", "validation": "none", "tokens": 1234,
+                                                    "train": {"batch_size": 4, "optimizer": "muon"}}, step=7)
+    hf_dir = tmp_path / "hf"
+    proc = run_script("export_hf.py", tmp_path / "run", hf_dir, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "BlueberryForCausalLM" in proc.stdout
+    texts = ["the quick brown fox", "seven wise owls hum softly near old"]
+    report = hf_check(hf_dir, texts, tmp_path, trust=True)
+    assert report["class"] == "BlueberryForCausalLM"
+    check_same_model(report, model, tokenizer, texts)
