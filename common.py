@@ -70,6 +70,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def pick_threads(requested: int = 0) -> int:
+    """CPU threads for the ops of a run: `requested`, or for 0 (auto) one per core that other work is not already
+    using (the 1-minute load average), at least 1 and at most what torch would use; OMP_NUM_THREADS, when set
+    (torchrun sets it), wins. On a shared machine this matters: each op waits at a barrier for all of its threads,
+    so a thread on a core that another process keeps busy stalls every op by a scheduler time slice."""
+    if requested > 0:
+        return requested
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return torch.get_num_threads()
+    busy = round(os.getloadavg()[0])
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+
+
 def gpu_peak_flops(device: torch.device) -> float | None:
     """The GPU's dense bf16/fp16 peak in FLOP/s, or None (CPU, or a GPU not in the table)."""
     if device.type != "cuda":

@@ -75,8 +75,7 @@ def train(argv=None):
 
     # the loop: one optimizer step, then the log line, evaluation and checkpoint when they are due
     tokens_per_step = train_cfg.batch_size * model_cfg.max_seq_len * train_cfg.grad_accum_steps * world
-    say(f"training on {device} ({str(dtype).replace('torch.', '')}{', compiled' if train_cfg.compile else ''}"
-        f"{f', {world} processes' if world > 1 else ''}), {tokens_per_step:,} tokens/step")
+    say(f"training on {trainer.runtime(device, dtype, train_cfg, world)}, {tokens_per_step:,} tokens/step")
     meter, done = trainer.Meter(raw_model, device, world), progress.fraction(train_cfg) >= 1.0
     with trainer.CtrlC() as ctrl_c, trainer.progress_bar(train_cfg, progress, master) as bar:
         t_last = time.perf_counter()  # elapsed_s counts wall time, evaluations and saves included
@@ -125,7 +124,7 @@ def preset_line(preset: str, given: dict) -> str:
     if "preset" in given:
         return f"preset: {preset}"
     why = "a CUDA GPU is visible" if preset == "t4" else "no CUDA GPU is visible"
-    return f"preset: {preset} ({why}); choose with --preset t4|cpu|scale, override any field with --FIELD VALUE"
+    return f"preset: {preset} ({why}); choose with --preset t4|cpu|stepwise|scale, override any field with --FIELD VALUE"
 
 
 def main():

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import checkpoint
 import parallel
 import trackers
-from common import atomic_write, autocast, gpu_peak_flops, pick_device, pick_dtype, world_info
+from common import atomic_write, autocast, gpu_peak_flops, pick_device, pick_dtype, pick_threads, world_info
 from conversations import answer_accuracy
 from model import Blueberry
 from muon import Muon
@@ -60,10 +60,20 @@ def setup(cfg, local_rank: int = 0) -> tuple:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ for any fp32 matmul left
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        torch.set_num_threads(pick_threads(getattr(cfg, "threads", 0)))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     return device, dtype, autocast(device, dtype), parallel.grad_scaler(device, dtype, cfg)
+
+
+def runtime(device, dtype, cfg, world: int) -> str:
+    """Where and how the run computes, in words: "cpu (bfloat16, 2 threads)", "cuda:0 (float16, compiled, 8 processes)"."""
+    how = [str(dtype).removeprefix("torch.")] + ["compiled"] * cfg.compile + [f"{world} processes"] * (world > 1)
+    if device.type == "cpu":
+        how.append(f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}")
+    return f"{device} ({', '.join(how)})"
 
 
 def init_from(cfg, model_cfg, given: dict) -> tuple:

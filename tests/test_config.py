@@ -34,7 +34,7 @@ def test_train_help_describes_every_field_with_this_machines_defaults():
             shown = f.metadata["shown"] or shown  # vocab_size: the tokenizer's, whatever the preset says
             assert f"(default: {shown})" in entry, (f.name, entry)
     for name, choices in (("optimizer", "muon,adamw"), ("device", "auto,cuda,mps,cpu"), ("dtype", "auto,fp32,bf16,fp16"),
-                          ("preset", "cpu,scale,t4")):
+                          ("preset", "cpu,scale,stepwise,t4")):
         assert "{" + choices + "}" in entries[f"--{name}"], name
     assert f"(default: {preset} on this machine)" in entries["--preset"]
 

@@ -336,6 +336,20 @@ def test_init_from_a_run_fine_tunes_on_conversations(trained_run, tmp_path, cach
     assert tuned["chat"] is True
 
 
+def test_the_stepwise_demo_learns_to_answer(tmp_path, cache_dir):
+    """The README's Stepwise Think command, cut short: a step budget (not a time budget, so a busy machine only
+    takes longer), and held-out answers right well above chance (none) already. Its >= 90% at full length is
+    `python bench.py stepwise --demo`'s to show, not a timed test's."""
+    out = tmp_path / "demo"
+    proc = run_script("run_train.py", "--preset", "stepwise", "--max_steps", 150, "--eval_every", 150,
+                      "--eval_answers", 40, "--sample_tokens", 0, "--out_dir", out, "--cache_dir", cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    final = [r for r in metrics(out) if "val_answer_acc" in r][-1]
+    assert final["step"] == 150 and final["val_answer_acc"] >= 0.1, final
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["time_budget"] == 0 and config["chat"] is True
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--d_model", "32"], "d_model=64 (asked 32)"),
     (["--qk_norm", "false"], "qk_norm=True (asked False)"),
