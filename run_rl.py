@@ -112,19 +112,12 @@ def rl(argv=None):
                 folder.save(raw_model, optimizers, scaler, problems, progress)
 
     # the end: the final evaluation, or the word that Ctrl-C saved the run
-    if progress.step == 0:
-        raise TrainError("nothing to train: the run is already complete; raise --max_steps or --time_budget")
-    if ctrl_c.requested:
-        say(f"interrupted: saved step {progress.step} to {out_dir}; continue with --resume")
-    else:
+    if not trainer.stopped_early(progress, ctrl_c, out_dir, say):
         if held_out:
             say(f"\nfinal (step {progress.step}, {progress.elapsed_s:.0f}s): {evaluate()}")
         say(f"wrote {out_dir}/: {checkpoint.WEIGHTS}, {checkpoint.CONFIG}, {checkpoint.TOKENIZER_DIR}/, "
             f"{checkpoint.STATE}, {checkpoint.METRICS}, rl.png\nchat with it: python inference.py --out_dir {out_dir}")
-    if world > 1:
-        if not parallel.check_ranks_in_sync(raw_model):
-            raise TrainError(f"weights differ across the {world} ranks at the end of RL; please report this")
-        say(f"weights identical on all {world} ranks")
+    trainer.check_in_sync(raw_model, world, say)
     parallel.cleanup()
 
 

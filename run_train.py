@@ -98,11 +98,7 @@ def train(argv=None):
                 folder.save(raw_model, optimizers, scaler, batches, progress)
 
     # the end: the final evaluation and a sample, or the word that Ctrl-C saved the run
-    if progress.step == 0:
-        raise TrainError("nothing to train: the run is already complete; raise --max_steps or --time_budget")
-    if ctrl_c.requested:
-        say(f"interrupted: saved step {progress.step} to {out_dir}; continue with --resume")
-    else:
+    if not trainer.stopped_early(progress, ctrl_c, out_dir, say):
         full = len(bundle.val_tokens) <= FULL_VAL_TOKENS.get(device.type, 200_000)
         row = evaluate(None if full else train_cfg.eval_batches)
         say(f"\nfinal (step {progress.step}, {progress.tokens:,} tokens, {progress.elapsed_s:.0f}s): "
@@ -113,10 +109,7 @@ def train(argv=None):
             text = trainer.sample_text(raw_model, bundle.tokenizer, bundle.sample_prompt, train_cfg.sample_tokens,
                                        amp, bundle.chat, train_cfg.seed)
             say(f"\nsample:\n{text}\n\nmore: python inference.py --out_dir {out_dir}")
-    if world > 1:
-        if not parallel.check_ranks_in_sync(raw_model):
-            raise TrainError(f"weights differ across the {world} ranks at the end of training; please report this")
-        say(f"weights identical on all {world} ranks")
+    trainer.check_in_sync(raw_model, world, say)
     parallel.cleanup()
 
 

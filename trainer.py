@@ -443,6 +443,25 @@ def bar_position(progress: Progress, cfg) -> int:
     """Where the bar stands: seconds (at most the budget: the last step may overshoot it) or steps."""
     return min(int(progress.elapsed_s), round(cfg.time_budget)) if cfg.time_budget > 0 else progress.step
 
+def stopped_early(progress: Progress, ctrl_c: CtrlC, out_dir, say) -> bool:
+    """After the loop: a TrainError if it took no step (the run was complete already); after Ctrl-C, say how to
+    continue and return True (then no final evaluation)."""
+    if progress.step == 0:
+        raise TrainError("nothing to train: the run is already complete; raise --max_steps or --time_budget")
+    if ctrl_c.requested:
+        say(f"interrupted: saved step {progress.step} to {out_dir}; continue with --resume")
+    return ctrl_c.requested
+
+
+def check_in_sync(model, world: int, say):
+    """Under torchrun, the end: the ranks' weights must be identical (a TrainError if not), and the run says so."""
+    if world > 1:
+        if not parallel.check_ranks_in_sync(model):
+            raise TrainError(f"weights differ across the {world} ranks at the end of the run; please report this")
+        say(f"weights identical on all {world} ranks")
+
+
+
 
 # ----------------------------------------------------------------------------- the end
 
