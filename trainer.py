@@ -461,8 +461,6 @@ def check_in_sync(model, world: int, say):
         say(f"weights identical on all {world} ranks")
 
 
-
-
 # ----------------------------------------------------------------------------- the end
 
 @parallel.whole_weights
