@@ -443,6 +443,7 @@ def bar_position(progress: Progress, cfg) -> int:
     """Where the bar stands: seconds (at most the budget: the last step may overshoot it) or steps."""
     return min(int(progress.elapsed_s), round(cfg.time_budget)) if cfg.time_budget > 0 else progress.step
 
+
 def stopped_early(progress: Progress, ctrl_c: CtrlC, out_dir, say) -> bool:
     """After the loop: a TrainError if it took no step (the run was complete already); after Ctrl-C, say how to
     continue and return True (then no final evaluation)."""
