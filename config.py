@@ -301,6 +301,7 @@ class RLConfig:
     device: str = like("device")
     dtype: str = like("dtype")
     compile: bool = like("compile")
+    threads: int = like("threads")
     parallel: str = option("ddp", "how torchrun spreads the model: `ddp` (every process holds all of it and samples "
                            "its own prompts; RL does not shard yet)", choices=("ddp",))
     activation_checkpointing: bool = like("activation_checkpointing")
