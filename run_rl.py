@@ -179,8 +179,12 @@ def grpo_step(model, raw_model, reference, optimizers, scaler, amp, tokenizer, p
         stats["kl"] = mean_kl(raw_model, reference, samples, cfg, amp, device)
     if not n_loss:  # every group on every rank scored alike: nothing to learn from this step
         return torch.zeros(()), torch.zeros(()), stats
-    train = train or [0]  # a rank with nothing to learn still joins the gradients' all-reduce, with a zero loss
     batches = micro_batches([samples[k] for k in train], advantage[train], cfg.batch_size, device)
+    # DDP: each forward and backward pass is a collective, so every rank makes as many as the most any makes; the
+    # passes a rank adds teach nothing (one sample, its mask zero)
+    for _ in range(int(parallel.all_reduce_max([len(batches)], device)[0]) - len(batches)):
+        batches += micro_batches(samples[:1], torch.zeros(1), 1, device)
+        batches[-1]["mask"].zero_()
     for batch in batches:  # what the loss compares with, from before the update
         if cfg.kl_coef > 0:
             batch["ref"] = scored(reference, batch["idx"], cfg.temperature, amp)
