@@ -6,6 +6,7 @@
     train     validation loss against wall-clock time: Blueberry (Muon) vs the Llama-equivalent model with AdamW
     ablate    each feature off in turn, and AdamW instead of Muon, at equal time
     stepwise  what thinking in steps buys: arithmetic accuracy with steps vs answers only, same model and time
+    rl        what RL buys: a fine-tuned model continued with GRPO or with more fine-tuning, same time
     data      a generated corpus of a few GB streamed: capped read, tokens/s per core count, threads vs
               processes, peak memory, cache load time
     gpu       tokens/s and MFU on a CUDA GPU (bf16, fp16 + GradScaler, with and without torch.compile)
@@ -26,6 +27,7 @@ from benchmarks.data_pipeline import cmd_data
 from benchmarks.sampling import cmd_generate
 from benchmarks.serving import cmd_serve
 from benchmarks.speed import cmd_gpu, cmd_model, cmd_muon
+from benchmarks.rl import cmd_rl
 from benchmarks.stepwise import cmd_stepwise
 from benchmarks.training import cmd_ablate, cmd_train
 
@@ -84,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_every", type=int, default=100, help="steps between evaluations (the accuracy curve)")
     p.add_argument("--eval_answers", type=int, default=50, help="held-out problems answered at each evaluation")
     p.add_argument("--problems", type=int, default=40, help="final held-out problems per kind and difficulty")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out_bench", help="folder for the plot")
+    p = add("rl", cmd_rl, "a fine-tuned model continued with RL or with more fine-tuning, same time", rounds=1,
+            warmup=0, tiny=False)
+    p.add_argument("--start_steps", type=int, default=1000, help="fine-tuning steps of the starting checkpoint")
+    p.add_argument("--steps", type=int, default=1200,
+                   help="fine-tuning steps after the start; RL runs the steps that take as long")
+    p.add_argument("--time_rounds", type=int, default=5, help="rounds of the step-time measurement")
+    p.add_argument("--rl_flags", default="", help="run_rl.py's settings (its defaults otherwise)")
+    p.add_argument("--evals", type=int, default=6, help="evaluations during each run")
+    p.add_argument("--eval_answers", type=int, default=50, help="held-out problems answered at each evaluation")
+    p.add_argument("--problems", type=int, default=200, help="final held-out problems (all kinds and sizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out_bench", help="folder for the plot")
     p = add("data", cmd_data, "streamed tokenization: capped read, tokens/s per core count, threads vs processes, "

@@ -5,6 +5,7 @@ runs: side by side, at the same time), so the load of a shared machine hits all 
 figure is the median over the rounds of each round's ratio (`ratio`).
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -91,6 +92,25 @@ def print_table(title: str, header: list, rows: list) -> None:
         print("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip())
         if k == 0:
             print("  ".join("-" * w for w in widths))
+
+
+@contextlib.contextmanager
+def figure(path, **settings):
+    """Axes to draw on (7 x 4 in); on leaving, `settings` (title, xlabel, ylabel) applied, a grid and a legend
+    added, and the figure saved to `path` (matplotlib without a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        yield ax
+        ax.set(**settings)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def verdict(ok: bool) -> str:

@@ -53,15 +53,20 @@ def training_run(extra: list, out_dir: Path, cache_dir: Path):
     cmd = [sys.executable, str(REPO / "run_train.py"), "--preset", TRAIN_PRESET, "--max_steps", "1000000",
            "--eval_every", "25", "--log_every", "25", "--save_every", "1000000", "--sample_tokens", "0", "--overwrite",
            "--cache_dir", str(cache_dir), "--out_dir", str(out_dir), *extra]
+    return script_run(cmd, out_dir, "val_loss")
 
+
+def script_run(cmd: list, out_dir: Path, key: str | None = None):
+    """A callable that runs `cmd` (a script of this repository that writes out_dir) on TRAIN_THREADS threads, its
+    console in out_dir.log, and returns the rows of its metrics.jsonl that hold `key` (None: every row)."""
     def run():
         with open(f"{out_dir}.log", "w") as log:
             proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   env={**ENV, "OMP_NUM_THREADS": str(TRAIN_THREADS)})
         if proc.returncode:
-            raise SystemExit(f"train run failed ({' '.join(cmd)}):\n{Path(f'{out_dir}.log').read_text()[-2000:]}")
+            raise SystemExit(f"run failed ({' '.join(cmd)}):\n{Path(f'{out_dir}.log').read_text()[-2000:]}")
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return [r for r in rows if "val_loss" in r]
+        return [r for r in rows if key is None or key in r]
     return run
 
 

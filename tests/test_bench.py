@@ -2,7 +2,7 @@
 
 from conftest import run_script
 
-SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "data", "gpu", "serve")
+SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "stepwise", "rl", "data", "gpu", "serve")
 
 
 def test_help_lists_every_subcommand():
