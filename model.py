@@ -146,17 +146,17 @@ class KVCache:
         (update() stores each layer's keys and values in those slots)."""
         end = self.pos + T
         check_length(end, self.max_len)
-        device = self.lengths.device
-        self.row = torch.arange(len(self.lengths), device=device)[:, None]
-        self.slots = self.lengths[:, None] + torch.arange(T, device=device)
+        slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        B, H, _, D = self.k.shape[1:]
+        self.index = slots[:, None, :, None].expand(B, H, T, D)  # where update() scatters the new k and v
         self.end = end
         self.lengths += T
-        return self.slots, end
+        return slots, end
 
     def update(self, layer: int, k, v):
         """Store the new k, v (B, Hkv, T, D) in their slots; return every row's keys and values up to the longest."""
-        self.k[layer, self.row, :, self.slots] = k.transpose(1, 2)  # indexed (B, T, Hkv, D)
-        self.v[layer, self.row, :, self.slots] = v.transpose(1, 2)
+        self.k[layer].scatter_(2, self.index, k)
+        self.v[layer].scatter_(2, self.index, v)
         return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
 
 
