@@ -10,11 +10,11 @@ the server and RL.
     generate_batch(model, [ids, other_ids], 100, temperature=0)   # several prompts decoded together
 
 Each row of the batch holds one request, with its own cache length (model.KVCache.lengths), settings and
-torch.Generator. A step prefills what joined (those prompts together, right-padded: a row's length hides
-what it has not written), then feeds every row its last token and samples all rows' next tokens at once.
-So a request gets the tokens it would get alone, whatever shares its batch and whenever it joined: the same
-tokens at temperature 0 (fp32), and with a seed when sampling (one uniform draw per row from its own
-generator, then an inverse-CDF pick for all rows together). `TextStream` turns tokens back into text.
+torch.Generator. A step feeds every running row its last token, prefills what joined (those prompts in one
+forward pass, right-padded: a row's length hides what it has not written), and samples all rows' next tokens
+at once. So a request gets the tokens it would get alone, whatever shares its batch and whenever it joined:
+the same tokens at temperature 0 (fp32), and with a seed when sampling (one uniform draw per row from its
+own generator, then an inverse-CDF pick for all rows together). `TextStream` turns tokens back into text.
 """
 
 import itertools
@@ -148,8 +148,8 @@ class Engine:
     """A running batch of up to `max_batch` requests (see the module's docstring). Requests wait in order while
     the batch is full; a finished or cancelled request's row goes to the next one at the next step.
 
-    Past the context, a row restarts from its most recent half (re-prefilled alone), so prompt + output may be
-    any length and each row sees exactly what it would see decoded alone.
+    Past the context, a row restarts from its most recent half (re-prefilled, while the rows beside it go on
+    untouched), so prompt + output may be any length and each row sees exactly what it would see decoded alone.
     """
 
     def __init__(self, model, max_batch: int = 16):
@@ -198,8 +198,9 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list:
-        """One token for every running request: [(request_id, token_id, finished)], finished when the token is
-        one of its stop ids or its max_new_tokens-th."""
+        """One token for every running request, after the waiting ones have taken the free rows:
+        [(request_id, token_id, finished)], finished when the token is one of its stop ids or its
+        max_new_tokens-th (its row is free for the next step)."""
         self._free([i for i, r in enumerate(self.running) if r.cancelled])
         self._admit()
         for request in self.running:  # past the context: restart from the most recent half of the window

@@ -110,7 +110,7 @@ def test_a_finished_row_is_reused_at_once(model):
 
 def test_a_row_past_the_context_restarts_alone(model):
     """One row outgrows the context of 32 several times (each time it restarts from its recent half, re-prefilled
-    alone); the rows beside it, greedy and seeded, which fill the context exactly, get what they get alone (had
+    on its own); the rows beside it, greedy and seeded, which fill the context exactly, get what they get alone (had
     they restarted with it, the seeded one would not)."""
     long, short, sampled = greedy(3 * CONTEXT), greedy(CONTEXT - 20), SamplingParams(CONTEXT - 6, 1.0, top_k=20)
     schedule = {0: [("long", prompt(30), long, None), ("short", prompt(20), short, None)],
