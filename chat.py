@@ -5,7 +5,9 @@ and a multi-turn session whose history is kept, cut to fit the context, and clea
     python inference.py --out_dir out --prompt "What is 12 + 9?" [--hide_thinking]
 
 On a terminal the steps are shown dim before the answer; in a pipe they come under a "(thinking)"
-line, and the answer under "(answer)".
+line, and the answer under "(answer)". A reply is sampled by the engine (engine.sample, with an
+engine.SamplingParams) and made text by engine.TextStream; `prompt_lines` reads what is typed, for
+inference.py's interactive prompt too.
 """
 
 import dataclasses
