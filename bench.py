@@ -10,6 +10,8 @@
     data      a generated corpus of a few GB streamed: capped read, tokens/s per core count, threads vs
               processes, peak memory, cache load time
     gpu       tokens/s and MFU on a CUDA GPU (bf16, fp16 + GradScaler, with and without torch.compile)
+    memory    ddp against fsdp on 2 ranks: per-rank weights, gradients, optimizer state and activations,
+              measured against the planner (python config.py --memory), and tokens/s
     serve     serve.py's output tokens/s and time to first token at 1, 4 and 16 concurrent clients, against
               `transformers serve --continuous-batching` serving the same model
 
@@ -24,6 +26,7 @@ import torch
 
 from benchmarks.common import REPO
 from benchmarks.data_pipeline import cmd_data
+from benchmarks.memory import cmd_memory
 from benchmarks.sampling import cmd_generate
 from benchmarks.serving import cmd_serve
 from benchmarks.speed import cmd_gpu, cmd_model, cmd_muon
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers: also measure `transformers serve --continuous-batching` (needs accelerate)")
     p = add("gpu", cmd_gpu, "tokens/s and MFU on a CUDA GPU", warmup=3)
     p.add_argument("--repeat", type=int, default=10, help="steps per round")
+    p = add("memory", cmd_memory, "ddp against fsdp on 2 ranks: memory per rank against the planner, tokens/s")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per micro-batch per rank")
     return parser
 
 

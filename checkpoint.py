@@ -136,6 +136,11 @@ def save_sharded(out_dir, model, optimizers, scaler, batches, progress: dict, ex
                 shutil.rmtree(old)
 
 
+def resume_state(parallel: str) -> str:
+    """What holds a run's resume state: the one file (ddp), or the folder of shards (fsdp)."""
+    return f"{SHARDED}/" if parallel == "fsdp" else STATE
+
+
 def load_resume_state(out_dir, model_cfg: ModelConfig) -> dict:
     """The resume state in out_dir, checked against the model settings asked for (CheckpointError). An fsdp
     checkpoint's shards are read later, by restore, into the sharded model: here only its small rest."""

@@ -498,6 +498,11 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--markdown"]:
-        sys.exit("usage: python config.py --markdown   (prints the README's configuration table)")
-    print(markdown_table())
+    if sys.argv[1:2] == ["--memory"]:  # the memory planner (memory.py)
+        import memory
+        memory.main(sys.argv[2:])
+    elif sys.argv[1:] == ["--markdown"]:
+        print(markdown_table())
+    else:
+        sys.exit("usage: python config.py --markdown (the README's configuration table) | --memory [--preset P] "
+                 "[--FIELD V ...] [--nproc N] (memory per GPU, ddp and fsdp)")

@@ -104,7 +104,7 @@ def train(argv=None):
         say(f"\nfinal (step {progress.step}, {progress.tokens:,} tokens, {progress.elapsed_s:.0f}s): "
             f"{trainer.eval_line(row)}{' (whole validation split)' if full else ''}")
         say(f"wrote {out_dir}/: {checkpoint.WEIGHTS}, {checkpoint.CONFIG}, {checkpoint.TOKENIZER_DIR}/, "
-            f"{checkpoint.STATE}, {checkpoint.METRICS}, loss.png")
+            f"{checkpoint.resume_state(train_cfg.parallel)}, {checkpoint.METRICS}, loss.png")
         if train_cfg.sample_tokens > 0:
             text = trainer.sample_text(raw_model, bundle.tokenizer, bundle.sample_prompt, train_cfg.sample_tokens,
                                        amp, bundle.chat, train_cfg.seed)
