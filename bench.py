@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rl", cmd_rl, "a fine-tuned model continued with RL or with more fine-tuning, same time", rounds=1,
             warmup=0, tiny=False)
     p.add_argument("--start_steps", type=int, default=1000, help="fine-tuning steps of the starting checkpoint")
+    p.add_argument("--start", default="", help="start from this fine-tuned arithmetic:hard chat model (an out_dir) "
+                   "instead of fine-tuning one")
     p.add_argument("--steps", type=int, default=1200,
                    help="fine-tuning steps after the start; RL runs the steps that take as long")
     p.add_argument("--time_rounds", type=int, default=5, help="rounds of the step-time measurement")

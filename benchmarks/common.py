@@ -34,7 +34,7 @@ Timing = namedtuple("Timing", "median spread values seconds")
 
 
 def alternate(contenders: dict, rounds: int = 5, warmup: int = 1, repeat: int = 1, together: bool = False,
-              sync=None) -> dict:
+              sync=None, clock=time.perf_counter) -> dict:
     """Run each contender (name -> zero-argument callable) once per round; name -> Timing.
 
     Timing.median: median seconds per call over `rounds` rounds; spread: (max - min) / median over
@@ -43,17 +43,18 @@ def alternate(contenders: dict, rounds: int = 5, warmup: int = 1, repeat: int = 
     contenders alternate, in reversed order on odd rounds so that none always runs first; with
     `together` they run at the same time instead (threads, each waiting on its own subprocess).
     `warmup` rounds run first and are discarded; a call is timed over `repeat` back-to-back runs;
-    `sync` (e.g. torch.cuda.synchronize) runs before each clock read.
+    `sync` (e.g. torch.cuda.synchronize) runs before each clock read; `clock` is wall time, or e.g.
+    time.process_time: this process's CPU time, which other processes' load barely moves (one thread).
     """
     sync = sync or (lambda: None)
 
     def timed(fn):
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(repeat):
             value = fn()
         sync()
-        return (time.perf_counter() - start) / repeat, value
+        return (clock() - start) / repeat, value
 
     samples = {name: [] for name in contenders}
     for r in range(warmup + rounds):

@@ -4,12 +4,14 @@
 kind and size; and the reward curve of RL.
 
 Equal time without wall-clock noise, as `ablate` does it: an RL step and a fine-tuning step from the start
-checkpoint are timed alternately in this process, and RL runs the steps that take as long as `--steps`
-fine-tuning steps. The runs then have fixed seeds and steps, so their figures do not depend on the machine's load."""
+checkpoint are timed alternately in this process, in CPU time on one thread (what other processes' load barely
+moves), and RL runs the steps that take as long as `--steps` fine-tuning steps. The runs then have fixed seeds and
+steps, so their figures do not depend on the machine's load. `--start DIR` begins from a checkpoint of your own."""
 
 import copy
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -26,17 +28,19 @@ FT_STEPS_PER_CALL = 5  # fine-tuning steps per timed call: an RL step takes seve
 
 
 def rl_run(start: Path, out_dir: Path, steps: int, args):
-    """A callable that runs run_rl.py from `start` for `steps` steps and returns its metrics rows."""
+    """A callable that runs run_rl.py from `start` for `steps` steps and returns its metrics rows. It logs where it
+    evaluates: a log line measures the KL to the start, which would otherwise add to the time the step timing saw."""
+    every = max(1, steps // args.evals)
     cmd = [sys.executable, str(REPO / "run_rl.py"), "--init_from", str(start), "--out_dir", str(out_dir),
            "--dataset", "arithmetic:hard", "--time_budget", "0", "--max_steps", str(steps),
-           "--eval_every", str(max(1, steps // args.evals)), "--eval_answers", str(args.eval_answers),
-           "--log_every", "5", "--save_every", "1000000", "--seed", str(args.seed), *args.rl_flags.split()]
+           "--eval_every", str(every), "--eval_answers", str(args.eval_answers), "--log_every", str(every),
+           "--save_every", "1000000", "--seed", str(args.seed), *args.rl_flags.split()]
     return script_run(cmd, out_dir)
 
 
 def rl_steps_per_ft_step(start: Path, data, args) -> float:
     """How many fine-tuning steps an RL step takes the time of, from the start checkpoint: both timed alternately
-    in this process on TRAIN_THREADS threads, in the precision the runs pick (median over rounds of the ratio)."""
+    in this process, in CPU time on one thread, in the precision the runs pick (median over rounds of the ratio)."""
     import rewards
     import run_rl
     from checkpoint import load_run
@@ -58,9 +62,10 @@ def rl_steps_per_ft_step(start: Path, data, args) -> float:
                                             tokenizer, problems, rewards.reward, cfg, CPU, measure_kl=False),
              "fine-tuning": lambda: [ft_step() for _ in range(FT_STEPS_PER_CALL)]}
     before = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
+    torch.set_num_threads(1)
     try:
-        return ratio(alternate(steps, rounds=args.time_rounds, warmup=1), "RL", "fine-tuning") * FT_STEPS_PER_CALL
+        timing = alternate(steps, rounds=args.time_rounds, warmup=1, clock=time.process_time)
+        return ratio(timing, "RL", "fine-tuning") * FT_STEPS_PER_CALL
     finally:
         torch.set_num_threads(before)
 
@@ -90,10 +95,11 @@ def cmd_rl(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-rl-") as tmp:
-        cache, start = Path(tmp) / "cache", Path(tmp) / "start"
+        cache, start = Path(tmp) / "cache", Path(args.start or Path(tmp) / "start")
         data = prepare_corpus(DATA, cache)  # render and pack before anything is timed
-        training_run(DATA + eval_flags + flags(time_budget=0, max_steps=args.start_steps, eval_every=args.start_steps,
-                                               seed=args.seed), start, cache)()
+        if not args.start:
+            training_run(DATA + eval_flags + flags(time_budget=0, max_steps=args.start_steps,
+                                                   eval_every=args.start_steps, seed=args.seed), start, cache)()
         per_rl_step = rl_steps_per_ft_step(start, data, args)
         rl_steps = max(1, round(args.steps / per_rl_step))
         print(f"an RL step takes the time of {per_rl_step:.1f} fine-tuning steps: RL runs {rl_steps} steps against "
@@ -103,15 +109,15 @@ def cmd_rl(args):
                     init_from=start, time_budget=0, max_steps=args.steps, eval_every=max(1, args.steps // args.evals),
                     seed=args.seed), Path(tmp) / "ft", cache)}
         curves = {name: t.values[0] for name, t in alternate(runs, rounds=1, warmup=0, together=True).items()}
-        levels = {name: per_level(Path(tmp) / folder, rows) for name, folder in
-                  (("start", "start"), ("RL", "rl"), ("fine-tuning", "ft"))}
+        levels = {name: per_level(folder, rows) for name, folder in
+                  (("start", start), ("RL", Path(tmp) / "rl"), ("fine-tuning", Path(tmp) / "ft"))}
     report(levels, Counter((r["kind"], r["level"]) for r in rows), curves, (rl_steps, per_rl_step), args, out)
 
 
 def report(levels: dict, counts: Counter, curves: dict, budget: tuple, args, out: Path) -> None:
     names, (rl_steps, per_rl_step) = ("start", "RL", "fine-tuning"), budget
-    print_table(f"{sum(counts.values())} held-out arithmetic:hard problems, greedy: the start ({args.start_steps} "
-                f"fine-tuning steps), then {args.steps} more fine-tuning steps, or the {rl_steps} RL steps that take "
+    print_table(f"{sum(counts.values())} held-out arithmetic:hard problems, greedy: the start "
+                f"({args.start or f'{args.start_steps} fine-tuning steps'}), then {args.steps} more fine-tuning steps, or the {rl_steps} RL steps that take "
                 f"as long (one = {per_rl_step:.1f} fine-tuning steps); {TRAIN_PRESET} preset model, context 192, "
                 f"{TRAIN_THREADS} thread(s) per run", ["kind", "digits", "problems", *names],
                 [(kind, level, counts[kind, level], *(f"{levels[n][kind, level][0]:.0%}" for n in names))
