@@ -2,7 +2,7 @@
 
 from conftest import run_script
 
-SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "stepwise", "rl", "data", "gpu", "serve")
+SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "stepwise", "rl", "data", "gpu", "serve", "memory")
 
 
 def test_help_lists_every_subcommand():
@@ -39,3 +39,10 @@ def test_serve_tiny_measures_concurrent_clients_against_one_at_a_time():
     proc = run_script("bench.py", "serve", "--tiny", "--peer", "none", "--threads", "1", timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Blueberry serve.py, 4 clients" in proc.stdout and "the tokens/s of one at a time" in proc.stdout
+
+
+def test_memory_tiny_measures_both_modes_against_the_planner():
+    proc = run_script("bench.py", "memory", "--tiny", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0.50x measured, 0.50x predicted (goal met" in proc.stdout and "planner within 0.0%" in proc.stdout
+    assert "fsdp / ddp tokens/s: " in proc.stdout
