@@ -148,7 +148,8 @@ def load_resume_state(out_dir, model_cfg: ModelConfig) -> dict:
     sharded = latest.is_file()
     path = Path(out_dir) / (f"{SHARDED}/{latest.read_text().strip()}/{REST}" if sharded else STATE)
     if not path.is_file():
-        raise CheckpointError(f"--resume: nothing to resume in {out_dir} (no {STATE}); drop --resume to start fresh")
+        what = f"{path} is missing" if sharded else f"nothing to resume in {out_dir} (no {STATE})"
+        raise CheckpointError(f"--resume: {what}; drop --resume to start fresh")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say so in one line

@@ -158,14 +158,16 @@ def report(model_cfg, train_cfg, nproc: int) -> str:
             (f"gathered weights, {dtype}", lambda p: gib(p.gathered)),
             ("activations, 1 micro-batch", lambda p: gib(p.activations)),
             ("  with activation checkpointing", lambda p: gib(p.activations_checkpointed)),
-            (f"peak ({'with' if ac else 'without'} checkpointing)", lambda p: gib(p.peak(ac))),
-            ("fits", lambda p: ", ".join(fits(p.peak(ac))) or "none of " + "/".join(n for n, _ in GPUS))]
-    width = max(len(name) for name, _ in rows)
+            (f"peak ({'with' if ac else 'without'} checkpointing)", lambda p: gib(p.peak(ac)))]
+    cells = [(name, show(ddp), show(fsdp)) for name, show in rows]
+    width, column = max(len(name) for name, _ in rows), max(len(c) for _, *pair in cells for c in pair)
     lines = [f"per rank of {nproc}, GiB: {model_cfg.n_layers} layers x d_model {model_cfg.d_model}, vocab "
              f"{model_cfg.vocab_size}, micro-batch {train_cfg.batch_size} x {model_cfg.max_seq_len} tokens, {dtype}",
-             f"{'':{width}}  {'ddp':>14}  {'fsdp':>14}"]
-    lines += [f"{name:{width}}  {show(ddp):>14}  {show(fsdp):>14}" for name, show in rows]
+             f"{'':{width}}  {'ddp':>{column}}  {'fsdp':>{column}}"]
+    lines += [f"{name:{width}}  {a:>{column}}  {b:>{column}}" for name, a, b in cells]
     lines.append(f"fsdp / ddp, weights + gradients + optimizer: {fsdp.states / ddp.states:.2f}x")
+    for mode, one in plans.items():
+        lines.append(f"{mode} fits: {', '.join(fits(one.peak(ac))) or 'none of ' + ', '.join(n for n, _ in GPUS)}")
     return "\n".join(lines)
 
 
