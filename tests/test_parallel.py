@@ -137,6 +137,13 @@ def test_activation_checkpointing_changes_no_loss_or_gradient():
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in recomputed.named_parameters()]
 
 
+def test_fsdp_where_torch_distributed_cannot_run_is_one_line():
+    with pytest.raises(ValueError, match="--parallel fsdp runs on CUDA GPUs or CPUs.*use --parallel ddp") as e:
+        parallel.check(TrainConfig(parallel="fsdp"), torch.device("mps"))
+    assert "\n" not in str(e.value)
+    parallel.check(TrainConfig(parallel="ddp"), torch.device("mps"))
+
+
 # ----------------------------------------------------------------------------- sharded checkpoints
 
 def resume_piece(rank, world, start, load_from, save_to):
