@@ -206,12 +206,13 @@ class Engine:
         for request in self.running:  # past the context: restart from the most recent half of the window
             if len(request.tokens) - request.start > self.context:
                 request.start, request.filled = len(request.tokens) - self.keep, False
-        self._prefill_last()
         filled = sum(r.filled for r in self.running)
+        if filled < len(self.running):
+            self._prefill_last()
         logits = []
         if filled:  # feed each row its last token
-            last = torch.tensor([[r.tokens[-1]] for r in self.running[:filled]], device=self.device)
-            logits.append(self.model(last, cache=self.cache.rows(0, filled))[:, -1])
+            last = torch.tensor([r.tokens[-1] for r in self.running[:filled]], device=self.device)
+            logits.append(self.model(last[:, None], cache=self.cache.rows(0, filled))[:, -1])
         if filled < len(self.running):
             logits.append(self._prefill(filled, len(self.running)))
         if not logits:

@@ -134,6 +134,8 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """Rows start..stop-1 as a cache of their own that shares this one's memory (a forward pass on some rows)."""
+        if (start, stop) == (0, len(self.lengths)):
+            return self
         pad = None if self.pad is None else self.pad[start:stop]
         return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop], pad)
 
@@ -155,9 +157,10 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         """Store the new k, v (B, Hkv, T, D) in their slots; return every row's keys and values up to the longest."""
-        self.k[layer].scatter_(2, self.index, k)
-        self.v[layer].scatter_(2, self.index, v)
-        return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
+        keys, values = self.k[layer], self.v[layer]
+        keys.scatter_(2, self.index, k)
+        values.scatter_(2, self.index, v)
+        return keys[:, :, :self.end], values[:, :, :self.end]
 
 
 def check_length(n: int, limit: int):
