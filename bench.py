@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", type=int, default=40, help="final held-out problems per kind and difficulty")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out_bench", help="folder for the plot")
+    p.add_argument("--demo", action="store_true", help="instead: the README's `--preset stepwise` command, alone and "
+                   "beside a process that keeps one core busy (wall time, held-out accuracy)")
     p = add("rl", cmd_rl, "a fine-tuned model continued with RL or with more fine-tuning, same time", rounds=1,
             warmup=0, tiny=False)
     p.add_argument("--start_steps", type=int, default=1000, help="fine-tuning steps of the starting checkpoint")
