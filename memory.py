@@ -3,8 +3,9 @@
 What one training rank holds, for ddp and for fsdp on N ranks, before a run is started on a GPU:
 
 - weights, gradients and optimizer state (Muon's momentum, AdamW's two moments), all fp32: every rank holds them
-  whole under ddp; fsdp cuts each tensor's rows into N blocks (torch.chunk's: rank 0's is the largest), and
-  reduce-scatters gradients after every micro-batch, so they are never held whole;
+  whole under ddp; fsdp cuts each tensor's rows into N blocks (torch.chunk's: rank 0's is the largest); its
+  gradients are whole too while micro-batches accumulate, unless reduce_every_micro_batch reduce-scatters them
+  into the shards after each;
 - fsdp's gathered weights in the compute dtype: the whole root (embedding, head), held from the forward pass to
   the backward, and two blocks (the one computing, the next arriving), with one block's unsharded gradients;
 - activations of one micro-batch, without and with activation checkpointing: what a block keeps for its backward
@@ -73,7 +74,10 @@ def plan(model_cfg, train_cfg, nproc: int, parallel: str) -> Plan:
     root = model.num_params() - sum(blocks)
     gathered = b * (root + 2 * max(blocks)) + (b + 4) * max(blocks) if parallel == "fsdp" else 0
     acts, checkpointed = activation_bytes(model_cfg, train_cfg, parallel)
-    return Plan(n, 4 * n, 4 * n, 4 * muon, adamw, gathered, acts, checkpointed)
+    # fsdp holds each block's gradients whole until an accumulated step's last micro-batch (parallel.grad_sync)
+    whole_gradients = parallel == "fsdp" and train_cfg.grad_accum_steps > 1 and not train_cfg.reduce_every_micro_batch
+    gradients = 4 * (model.num_params() if whole_gradients else n)
+    return Plan(n, 4 * n, gradients, 4 * muon, adamw, gathered, acts, checkpointed)
 
 
 def activation_bytes(model_cfg, train_cfg, parallel: str, device: str = "cuda") -> tuple:
@@ -171,8 +175,8 @@ def report(model_cfg, train_cfg, nproc: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    """python config.py --memory [--preset P] [--FIELD V ...] [--nproc N]: prints report()."""
+def main(argv=None) -> None:
+    """python config.py --memory (or python memory.py) [--preset P] [--FIELD V ...] [--nproc N]: prints report()."""
     from config import parse_args
 
     def options(parser):
@@ -184,3 +188,7 @@ def main(argv) -> None:
     if nproc < 1:
         raise SystemExit("error: --nproc must be >= 1")
     print(report(model_cfg, train_cfg, nproc))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
     rank, world, local_rank = parallel.init()     # joins the process group under torchrun; (0, 1, 0) alone
     model = parallel.wrap(raw_model, train_cfg, device)   # before the optimizers are built
-    with parallel.grad_sync(model, last_micro_batch): ...  # ddp: gradients reduced once per optimizer step
+    with parallel.grad_sync(model, last_micro_batch): ...  # gradients reduced once per optimizer step
     with parallel.gathered(model): ...                  # whole weights on every rank: evaluation, sampling
     parallel.all_reduce_sum([loss_sum, count])          # the collectives evaluation and the loop need
     parallel.cleanup()
@@ -94,6 +94,7 @@ def _shard(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.reduce_every_micro_batch = cfg.reduce_every_micro_batch  # read by grad_sync
     return model
 
 
@@ -110,15 +111,17 @@ def grad_scaler(device: torch.device, dtype: torch.dtype, cfg):
 
 
 def grad_sync(model: torch.nn.Module, sync: bool):
-    """A context for one micro-batch's backward. Under DDP gradients are reduced across ranks only when `sync` (the
-    last micro-batch of an optimizer step); before that each rank accumulates its own. Under fsdp every micro-batch's
-    gradients are reduce-scattered into the shards at once, as torchtitan does: holding them back
-    (set_requires_gradient_sync(False)) would keep every block's whole fp32 gradients on every rank until the last
-    micro-batch, as much memory as DDP's gradients (+5.2 GiB per rank for the scale preset, which then no longer
-    fits two T4s), for a saving in communication that compute hides."""
-    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    """A context for one micro-batch's backward: gradients are reduced across ranks only when `sync` (the last
+    micro-batch of an optimizer step); before that each rank accumulates its own. DDP through no_sync; fsdp through
+    set_requires_gradient_sync, which holds each block's gradients whole until the last micro-batch and then
+    reduce-scatters them once, unless the run asked for every micro-batch's to be reduce-scattered at once
+    (cfg.reduce_every_micro_batch, recorded by wrap): they then stay sharded, which the scale preset needs (whole
+    fp32 gradients are +5.2 GiB per rank there), for communication that compute mostly hides."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if sharded(model) and not model.reduce_every_micro_batch:
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

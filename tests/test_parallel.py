@@ -61,7 +61,7 @@ def run_steps(model, wrapped, cfg, batches, steps, state=None, save_to=None):
         loss, _ = trainer.train_step(wrapped, optimizers, batches, scaler, FP32, cfg)
         progress.advance(1, 0.0)
         losses.append(float(loss))
-    if save_to is not None:  # as trainer.RunFolder.save does it under fsdp
+    if save_to is not None:  # as run_folder.RunFolder.save does it under fsdp
         checkpoint.save_sharded(save_to, model, optimizers, scaler, batches, dataclasses.asdict(progress), {},
                                 parallel.full_state_dict(model), torch.distributed.get_rank() == 0)
     return losses
@@ -87,8 +87,14 @@ def my_half(rank, world):
 # ----------------------------------------------------------------------------- fsdp equals one process
 
 def _fsdp_worker(rank, world, out):
-    for optimizer, checkpointing in (("muon", True), ("adamw", False)):
-        cfg = train_cfg(optimizer=optimizer, parallel="fsdp", activation_checkpointing=checkpointing)
+    for optimizer, checkpointing, every in (("muon", True, False), ("adamw", False, True)):
+        cfg = train_cfg(optimizer=optimizer, parallel="fsdp", activation_checkpointing=checkpointing,
+                        reduce_every_micro_batch=every)
+        # a step's first micro-batch: its gradients reach the shards at once only with reduce_every_micro_batch
+        probe = parallel.wrap(make_model(), cfg, torch.device("cpu"))
+        with parallel.grad_sync(probe, False):
+            probe(*my_half(rank, world)[0])[1].backward()
+        assert (probe.embed.weight.grad is not None) == every
         model = make_model()
         wrapped = parallel.wrap(model, cfg, torch.device("cpu"))
         assert parallel.sharded(wrapped) and type(model.embed.weight).__name__ == "DTensor"
@@ -104,10 +110,9 @@ def _fsdp_worker(rank, world, out):
 
 def test_fsdp_trains_as_one_process_on_the_global_batch(tmp_path):
     """fsdp on 2 gloo ranks equals one process on the whole batches, for Muon (its matrices orthogonalized whole
-    by their owner rank; with activation checkpointing) and for AdamW: 6 steps of 2 micro-batches (each one's
-    gradients reduce-scattered into the shards), clipped by the global norm over the shards. Evaluation and
-    generation run on the
-    gathered weights, each rank its own share."""
+    by their owner rank; with activation checkpointing; gradients reduced once per step) and for AdamW (each
+    micro-batch's gradients reduce-scattered into the shards): 6 steps of 2 micro-batches, clipped by the global
+    norm over the shards. Evaluation and generation run on the gathered weights, each rank its own share."""
     spawn_gloo(_fsdp_worker, 2, str(tmp_path))
     for optimizer in ("muon", "adamw"):
         alone, losses = one_process(train_cfg(optimizer=optimizer))
