@@ -26,6 +26,7 @@ import checkpoint
 import parallel
 import rewards
 import trainer
+from run_folder import RunFolder
 from common import world_info
 from config import RLConfig, parse_args
 from engine import Engine, SamplingParams
@@ -69,7 +70,7 @@ def rl(argv=None):
     run_info = {"rl": dataclasses.asdict(cfg), "init_from": description, "dataset": data_name, "chat": True,
                 "validation": f"{len(held_out)} held-out problems", "sample_prompt": rewards.question(
                     (held_out or train_problems)[0])}
-    folder = trainer.RunFolder(cfg, tokenizer, progress.step if cfg.resume else None, run_info, master)
+    folder = RunFolder(cfg, tokenizer, progress.step if cfg.resume else None, run_info, master)
 
     def evaluate():  # every rank answers its share of the held-out problems; rank 0 logs
         found = trainer.evaluate_answers(raw_model, tokenizer, held_out, amp, device)

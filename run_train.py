@@ -24,6 +24,7 @@ import parallel
 import trainer
 from config import parse_args
 from muon import build_optimizers
+from run_folder import RunFolder
 from trainer import TrainError
 
 FULL_VAL_TOKENS = {"cuda": 2_000_000, "mps": 500_000, "cpu": 200_000}  # final eval covers all of val below this
@@ -61,8 +62,7 @@ def train(argv=None):
 
     run_info = {"train": dataclasses.asdict(train_cfg), "dataset": bundle.source, "validation": bundle.val_source,
                 "sample_prompt": bundle.sample_prompt, "preset": preset, "chat": bundle.chat}
-    folder = trainer.RunFolder(train_cfg, bundle.tokenizer, progress.step if train_cfg.resume else None, run_info,
-                               master)
+    folder = RunFolder(train_cfg, bundle.tokenizer, progress.step if train_cfg.resume else None, run_info, master)
 
     def evaluate(max_batches):  # every rank evaluates its share; rank 0 logs
         row = {**progress.row(), **trainer.evaluate(raw_model, bundle.eval_batches(

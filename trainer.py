@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import signal
 import time
 from itertools import islice
@@ -33,7 +32,6 @@ from common import atomic_write, autocast, gpu_peak_flops, pick_device, pick_dty
 from conversations import answer_accuracy
 from model import Blueberry
 from muon import Muon
-from tokenizer import save_tokenizer
 
 MOMENTUM_WARMUP_START = 0.85
 # what a run writes into out_dir (the first four mark a folder that holds a run); --overwrite removes these only
@@ -46,6 +44,24 @@ class TrainError(Exception):
 
 
 # ----------------------------------------------------------------------------- set-up
+
+def holds_run(out_dir) -> bool:
+    return any((Path(out_dir) / name).exists() for name in RUN_FILES[:4])
+
+
+def preflight(cfg):
+    """What stops a run before any work, in one line: an out_dir that holds a run neither continued (--resume) nor
+    replaced (--overwrite), and a tracker whose package is missing."""
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in out_dir and --overwrite replaces it: give one of them")
+    if holds_run(cfg.out_dir) and not (cfg.resume or cfg.overwrite):
+        raise TrainError(f"{cfg.out_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
+                         f"or train into a fresh --out_dir")
+    try:
+        trackers.check(cfg.report_to)
+    except trackers.TrackerMissing as e:
+        raise TrainError(str(e)) from None
+
 
 def setup(cfg, local_rank: int = 0) -> tuple:
     """(device, dtype, autocast context, grad scaler) for cfg.device / cfg.dtype, with every RNG seeded; first,
@@ -338,66 +354,6 @@ class MetricsLog:
         if self.tracker and rows:
             self.tracker.figure(Path(png_path).stem, fig, rows[-1]["step"])
         plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- the run folder
-
-def holds_run(out_dir) -> bool:
-    return any((Path(out_dir) / name).exists() for name in RUN_FILES[:4])
-
-
-def preflight(cfg):
-    """What stops a run before any work, in one line: an out_dir that holds a run neither continued (--resume) nor
-    replaced (--overwrite), and a tracker whose package is missing."""
-    if cfg.resume and cfg.overwrite:
-        raise TrainError("--resume continues the run in out_dir and --overwrite replaces it: give one of them")
-    if holds_run(cfg.out_dir) and not (cfg.resume or cfg.overwrite):
-        raise TrainError(f"{cfg.out_dir} already holds a run: continue it with --resume, replace it with --overwrite, "
-                         f"or train into a fresh --out_dir")
-    try:
-        trackers.check(cfg.report_to)
-    except trackers.TrackerMissing as e:
-        raise TrainError(str(e)) from None
-
-
-class RunFolder:
-    """out_dir as a run writes it: the tokenizer, metrics.jsonl (and the tracker), loss.png, the checkpoints.
-
-    A run never destroys another silently (preflight). With --overwrite over an existing run, nothing is written
-    until the first checkpoint, so a run that fails before it leaves the old one whole: then the old run's files
-    go, and the rows logged so far are written."""
-
-    def __init__(self, cfg, tokenizer, resumed_step: int | None, run_info: dict, master: bool):
-        self.path, self.cfg, self.tokenizer, self.run_info, self.master = Path(cfg.out_dir), cfg, tokenizer, run_info, master
-        self.log = MetricsLog(self.path / checkpoint.METRICS, enabled=master)
-        self.replacing = cfg.overwrite and holds_run(self.path)
-        if not self.replacing:
-            self._open(resumed_step)
-
-    def _open(self, resumed_step):
-        tracker = None
-        if self.master:
-            if self.replacing:
-                for name in RUN_FILES:
-                    target = self.path / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            self.path.mkdir(parents=True, exist_ok=True)
-            save_tokenizer(self.tokenizer, self.path / checkpoint.TOKENIZER_DIR)
-            tracker = trackers.open_tracker(self.cfg.report_to, self.path, self.run_info, resumed_step)
-        self.log.start(resumed_step, tracker)
-        self.replacing = False
-
-    def save(self, model, optimizers, scaler, batches, progress: Progress):
-        """A checkpoint (checkpoint.save_checkpoint): every rank gathers the weights, rank 0 writes."""
-        if not self.log.started:
-            self._open(None)
-        weights = parallel.full_state_dict(model)
-        if parallel.sharded(model):  # fsdp: every rank writes its shard of the resume state
-            checkpoint.save_sharded(self.path, model, optimizers, scaler, batches, dataclasses.asdict(progress),
-                                    self.run_info, weights, self.master)
-        elif self.master:
-            checkpoint.save_checkpoint(self.path, model, optimizers, scaler, batches, dataclasses.asdict(progress),
-                                       self.run_info, weights)
 
 
 # ----------------------------------------------------------------------------- stopping
