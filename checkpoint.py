@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common import atomic_write, first_line
-from config import ModelConfig
+from config import ModelConfig, saved_model_config
 from llama import from_llama_config, from_llama_state_dict
 from model import Blueberry
 from sources import HubUnreachable, looks_like_path, require_hub
@@ -53,7 +53,7 @@ def read_config(out_dir) -> dict:
         raise CheckpointError(f"no {CONFIG} in {out_dir}: train a model first (python run_train.py --out_dir {out_dir})")
     try:
         config = json.loads(path.read_text())
-        config["model"] = ModelConfig(**config["model"])
+        config["model"] = saved_model_config(config["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a Blueberry config ({e}); retrain or point --out_dir elsewhere")
     return config
@@ -257,7 +257,7 @@ def load_pretrained(spec, device="cpu") -> tuple:
         raise CheckpointError(f"{where}: cannot load its tokenizer ({first_line(e)})")
     blueberry = hf_config["model_type"] == "blueberry"  # exported by export_hf.py with model.py's own code
     try:
-        cfg = ModelConfig(**hf_config["blueberry"]) if blueberry else from_llama_config(AutoConfig.from_pretrained(str(path)))
+        cfg = saved_model_config(hf_config["blueberry"]) if blueberry else from_llama_config(AutoConfig.from_pretrained(str(path)))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: {first_line(e)}")
     _check_vocab(tokenizer, cfg.vocab_size, where)

@@ -102,12 +102,20 @@ class ModelConfig:
         return on
 
 
+# The 2026 recipe switches, off. A saved config that lacks one predates it: it loads with the switch off,
+# whatever today's default (saved_model_config).
+RECIPE_OFF = dict(mlp="swiglu", value_embeds=False, resid_lambdas=False, logit_softcap=0.0)
 # With these switches and a uniform MLP (`llama_equivalent`), Blueberry is transformers' LlamaForCausalLM:
 # the same function of the same weights (tested), initialized the way Llama is.
 LLAMA_SWITCHES = dict(embed_scale=False, sandwich_norm=False, qk_norm=False, attn_gate=False,
-                      zero_init=False, depth_init=False, mlp="swiglu", value_embeds=False, resid_lambdas=False,
-                      logit_softcap=0.0)
+                      zero_init=False, depth_init=False, **RECIPE_OFF)
 INIT_SWITCHES = ("zero_init", "depth_init")
+
+
+def saved_model_config(fields: dict) -> ModelConfig:
+    """The ModelConfig of a saved model (config.json, an export's `blueberry`): the fields it has, and a recipe
+    switch it was saved before off."""
+    return ModelConfig(**{**RECIPE_OFF, **fields})
 
 
 def llama_equivalent(cfg: ModelConfig, **overrides) -> ModelConfig:

@@ -18,10 +18,10 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 try:  # in an exported folder: transformers' package of remote code
-    from .config import ModelConfig
+    from .config import ModelConfig, saved_model_config
     from .model import Blueberry, check_length, rope_tables
 except ImportError:  # in the repository
-    from config import ModelConfig
+    from config import ModelConfig, saved_model_config
     from model import Blueberry, check_length, rope_tables
 
 # transformers 5 returns the cache as `cache`; earlier versions as `past_key_values`
@@ -34,7 +34,7 @@ class BlueberryConfig(PretrainedConfig):
     model_type = "blueberry"
 
     def __init__(self, blueberry: dict | None = None, use_cache: bool = True, **kwargs):
-        cfg = ModelConfig(**(blueberry or {}))
+        cfg = saved_model_config(blueberry) if blueberry else ModelConfig()
         self.blueberry = {name: getattr(cfg, name) for name in ModelConfig.__dataclass_fields__}
         kwargs.update(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -43,7 +43,7 @@ class BlueberryConfig(PretrainedConfig):
         self.use_cache = use_cache  # after: transformers 5 drops generation settings from a config's kwargs
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(**self.blueberry)
+        return saved_model_config(self.blueberry)
 
 
 def new_cache(config):

@@ -319,13 +319,19 @@ def test_resize_token_embeddings_grows_with_mean_rows_and_keeps_the_rest(tied):
         model.resize_token_embeddings(50)
 
 
-def test_a_config_without_the_recipe_switches_is_todays_model():
-    """A config.json written before the switches existed loads with them off: the same parameters, the same
-    initial weights and the same logits as a model built with them explicitly off."""
+def test_a_config_without_the_recipe_switches_is_todays_model(tmp_path):
+    """A config.json written before the switches existed loads with them off (config.RECIPE_OFF, not whatever the
+    defaults are by then): the same parameters, initial weights and logits as a model built with them off."""
     import dataclasses
+    import json
+
+    import checkpoint
+    from config import RECIPE_OFF
     new = {"mlp", "value_embeds", "resid_lambdas", "logit_softcap"}
+    assert set(RECIPE_OFF) == new
     old = {k: v for k, v in dataclasses.asdict(ModelConfig(**TINY)).items() if k not in new}
-    cfg = ModelConfig(**old)
+    (tmp_path / checkpoint.CONFIG).write_text(json.dumps({"model": old}))
+    cfg = checkpoint.read_config(tmp_path)["model"]
     assert (cfg.mlp, cfg.value_embeds, cfg.resid_lambdas, cfg.logit_softcap) == ("swiglu", False, False, 0.0)
     torch.manual_seed(0)
     a = Blueberry(cfg)
