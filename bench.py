@@ -14,6 +14,8 @@
               measured against the planner (python config.py --memory), and tokens/s
     serve     serve.py's output tokens/s and time to first token at 1, 4 and 16 concurrent clients, against
               `transformers serve --continuous-batching` serving the same model
+    race      Blueberry's recipe against nanochat's GPT + MuonAdamW (imported from --nanochat PATH), side by side
+              at equal wall time, scored by one function on the same held-out split
 
 The measurements live in benchmarks/ (common.py: the alternating timer and the Llama peer). Each
 subcommand prints its table and finishes in a few minutes on 2 CPU cores. None runs in CI
@@ -27,6 +29,7 @@ import torch
 from benchmarks.common import REPO
 from benchmarks.data_pipeline import cmd_data
 from benchmarks.memory import cmd_memory
+from benchmarks.race import cmd_race
 from benchmarks.sampling import cmd_generate
 from benchmarks.serving import cmd_serve
 from benchmarks.speed import cmd_gpu, cmd_model, cmd_muon
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_new_tokens", type=int, default=64, help="batched: greedy tokens per prompt")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights and compute, both sides")
     for name, fn, help in (("train", cmd_train, "validation loss vs wall-clock time, Blueberry vs Llama + AdamW"),
-                           ("ablate", cmd_ablate, "each feature off in turn at equal time")):
+                           ("ablate", cmd_ablate, "each feature off in turn at equal time"),
+                           ("race", cmd_race, "Blueberry vs nanochat's GPT + MuonAdamW at equal wall time")):
         p = add(name, fn, help, rounds=1, warmup=0, tiny=False)
         p.add_argument("--shakespeare_path", default=str(REPO / "../shared/data/tinyshakespeare.txt"),
                        help="tiny-shakespeare text file for the character-level corpus")
@@ -125,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=10, help="steps per round")
     p = add("memory", cmd_memory, "ddp against fsdp on 2 ranks: memory per rank against the planner, tokens/s")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per micro-batch per rank")
+    p = sub.choices["race"]
+    p.add_argument("--nanochat", default="", help="a checkout holding the nanochat/ package (default: an installed "
+                   "nanochat); git clone https://github.com/karpathy/nanochat")
+    p.add_argument("--corpus", default="bpe,char", help="comma-separated: bpe (embedded), char (tinyshakespeare)")
+    p.add_argument("--seeds", type=int, default=1, help="races per corpus (seeds 1337, 1338, ...)")
+    p.add_argument("--budget", type=float, default=120.0, help="seconds of training per side")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=128, help="d_model / n_embd")
+    p.add_argument("--context", type=int, default=64, help="max_seq_len / sequence_len")
+    p.add_argument("--batch", type=int, default=12, help="sequences per step (no accumulation)")
+    p.add_argument("--peer_lrs", default="unscaled", choices=("unscaled", "scaled"),
+                   help="nanochat's lrs: base_train.py's defaults, or scaled by its batch-size and horizon laws "
+                   "(see benchmarks/race_peer.py)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model for a few seconds a side (smoke test)")
     return parser
 
 

@@ -1,8 +1,13 @@
 """bench.py smoke tests: the real benchmarks take minutes and never run in CI (see BENCHMARKS.md)."""
 
+import os
+
+import pytest
+
 from conftest import run_script
 
-SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "stepwise", "rl", "data", "gpu", "serve", "memory")
+SUBCOMMANDS = ("model", "muon", "generate", "train", "ablate", "stepwise", "rl", "data", "gpu", "serve", "memory",
+               "race")
 
 
 def test_help_lists_every_subcommand():
@@ -46,3 +51,17 @@ def test_memory_tiny_measures_both_modes_against_the_planner():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0.50x measured, 0.50x predicted (goal met" in proc.stdout and "planner within 0.0%" in proc.stdout
     assert "fsdp / ddp tokens/s: " in proc.stdout
+
+
+def test_race_without_nanochat_is_one_line_naming_the_path_and_where_to_get_it(tmp_path):
+    proc = run_script("bench.py", "race", "--tiny", "--nanochat", tmp_path, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "--nanochat PATH" in proc.stderr and "karpathy/nanochat" in proc.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("NANOCHAT_PATH"), reason="NANOCHAT_PATH: a nanochat checkout to race")
+def test_race_tiny_scores_both_sides_and_gives_the_bar():
+    proc = run_script("bench.py", "race", "--tiny", "--corpus", "char", "--nanochat", os.environ["NANOCHAT_PATH"],
+                      timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "char: Blueberry / nanochat - 1 = " in proc.stdout and "bar: Blueberry at least 3% below" in proc.stdout
