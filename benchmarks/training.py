@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -214,7 +215,10 @@ def step_seconds(variants: dict, vocab_size: int, threads: int, args) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return {name: t.median for name, t in alternate(steps, rounds=args.time_rounds, warmup=2, repeat=3).items()}
+        # CPU time of this one-thread process: what other processes' load barely moves (wall time under load
+        # gave a weight-decay switch 25% more steps than the defaults)
+        timing = alternate(steps, rounds=args.time_rounds, warmup=2, repeat=3, clock=time.process_time)
+        return {name: t.median for name, t in timing.items()}
     finally:
         torch.set_num_threads(before)
 
@@ -263,7 +267,8 @@ def ablate_recipe(args):
             print(f"{corpus}: steps at equal time: {n_steps}", flush=True)
             finals = {name: [] for name in variants}
             for seed in range(args.seeds):
-                runs = {name: shape + flags(**fields, time_budget=0, max_steps=n_steps[name], seed=1337 + seed)
+                runs = {name: shape + flags(**fields, time_budget=0, max_steps=n_steps[name], seed=1337 + seed,
+                                            eval_every=n_steps[name])  # only the final loss counts here
                         for name, fields in variants.items()}
                 for name, curves in run_side_by_side(runs, corpus, Path(tmp), args).items():
                     finals[name].append(curves[0][-1][1])
