@@ -26,11 +26,11 @@ import checkpoint
 import parallel
 import rewards
 import trainer
-from run_folder import RunFolder
 from common import world_info
 from config import RLConfig, parse_args
 from engine import Engine, SamplingParams
 from muon import build_optimizers
+from run_folder import RunFolder
 from sources import DataError
 from tokenizer import CHAT_TOKENS, IM_END, render_prompt
 from trainer import TrainError

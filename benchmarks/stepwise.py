@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import arithmetic
-from benchmarks.common import ENV, REPO, machine, print_table, verdict, alternate
+from benchmarks.common import ENV, REPO, alternate, figure, machine, print_table, verdict
 from benchmarks.training import TRAIN_PRESET, TRAIN_THREADS, flags, prepare_corpus, training_run
 
 SIDES = {"steps": [], "answers only": ["--thinking", "false"]}
@@ -40,18 +40,10 @@ def per_level(out_dir: Path, rows: list) -> dict:
 
 
 def plot_curves(curves: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rows in curves.items():
-        ax.plot([r["elapsed_s"] for r in rows], [100 * r["val_answer_acc"] for r in rows], "o-", ms=3, label=name)
-    ax.set(xlabel="training seconds", ylabel="held-out answers right (%)", title="arithmetic: steps vs answers only")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, xlabel="training seconds", ylabel="held-out answers right (%)",
+                title="arithmetic: steps vs answers only") as ax:
+        for name, rows in curves.items():
+            ax.plot([r["elapsed_s"] for r in rows], [100 * r["val_answer_acc"] for r in rows], "o-", ms=3, label=name)
 
 
 def cmd_stepwise(args):
