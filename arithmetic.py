@@ -16,6 +16,9 @@ Difficulties (`--dataset arithmetic:NAME`; `arithmetic` is `arithmetic:basic`):
     hard    more digits, several operands, multi-digit products: three numbers of 3 to 7 digits added
             (carries up to 2); a 2- to 4-digit number times a 2-digit one, one step per partial product
             (347 * 25: 1. 347*5=1735, 2. 347*20=6940, 3. 1735+6940=8675), each done in one go
+    terse   the hard problems, but only 3 training replies in 10 show their steps: the others do the whole problem
+            in one step (1. 347*25=8675), as terse worked solutions do. Fine-tuned on them, a model imitates the
+            shortcut and gets most answers wrong; RL (run_rl.py) can learn that working in steps pays
 """
 
 import random
@@ -35,10 +38,12 @@ class Difficulty:
     mul_levels: tuple  # digits of the number multiplied
     operands: int  # numbers added
     multiplier: int  # digits of the second factor (1: a digit from 2 to 9)
+    worked: float = 1.0  # share of the training replies that show their steps (the rest: one step, in one go)
 
 
 DIFFICULTIES = {"basic": Difficulty(LEVELS, LEVELS, operands=2, multiplier=1),
-                "hard": Difficulty((3, 4, 5, 6, 7), (2, 3, 4), operands=3, multiplier=2)}
+                "hard": Difficulty((3, 4, 5, 6, 7), (2, 3, 4), operands=3, multiplier=2),
+                "terse": Difficulty((3, 4, 5, 6, 7), (2, 3, 4), operands=3, multiplier=2, worked=0.3)}
 
 
 def difficulty_of(dataset: str) -> str | None:
@@ -94,11 +99,13 @@ def is_held_out(kind: str, *numbers: int) -> bool:
     return zlib.crc32(f"{kind} {' '.join(map(str, numbers))}".encode()) % HELD_OUT == 0
 
 
-def conversation(kind: str, *numbers: int) -> dict:
-    """One problem as a conversation row: {"messages": [user, assistant]} plus what checking it needs."""
+def conversation(kind: str, *numbers: int, worked: bool = True) -> dict:
+    """One problem as a conversation row: {"messages": [user, assistant]} plus what checking it needs; the reply
+    shows its steps, or (`worked` False) does the whole problem in one step."""
     result = str(answer(kind, *numbers))
+    thinking = steps(kind, *numbers) if worked else [f"1. {SYMBOL[kind].join(map(str, numbers))}={result}"]
     return {"messages": [{"role": "user", "content": f"What is {f' {SYMBOL[kind]} '.join(map(str, numbers))}?"},
-                         {"role": "assistant", "thinking": "\n".join(steps(kind, *numbers)), "content": result}],
+                         {"role": "assistant", "thinking": "\n".join(thinking), "content": result}],
             "kind": kind, "level": len(str(numbers[0])), "answer": result}
 
 
@@ -113,8 +120,10 @@ def draw(rng: random.Random, kind: str, level: int, difficulty: Difficulty) -> t
 
 def problems(n: int, seed: int, held_out: bool, difficulty: str = "basic") -> list:
     """n conversations, kinds and levels in turn (every level equally often), drawn with `seed` from the
-    held-out problems or from the others. Levels too small to hold enough distinct problems repeat."""
+    held-out problems or from the others. Levels too small to hold enough distinct problems repeat. Training
+    replies show their steps with the difficulty's `worked` chance (held-out ones always do)."""
     rng, spec = random.Random(seed), DIFFICULTIES[difficulty]
+    shows_steps = random.Random(f"{seed} worked")  # its own draws: the problems are the same whatever `worked` is
     levels = {"add": spec.add_levels, "mul": spec.mul_levels}
     out = []
     while len(out) < n:
@@ -124,7 +133,7 @@ def problems(n: int, seed: int, held_out: bool, difficulty: str = "basic") -> li
             numbers = draw(rng, kind, level, spec)
             if is_held_out(kind, *numbers) == held_out:
                 break
-        out.append(conversation(kind, *numbers))
+        out.append(conversation(kind, *numbers, worked=held_out or shows_steps.random() < spec.worked))
     return out
 
 

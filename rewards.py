@@ -8,8 +8,8 @@ A problem is {"messages": the conversation up to the assistant's reply, "answer"
 (the built-in set's rows keep their kind and level). A completion is the assistant's reply as sampled, its
 special tokens kept (`<think>...</think>` then the answer, then `<|im_end|>`); its final answer is the text
 after the thinking section (tokenizer.split_reply). Problems come from:
-    - the built-in arithmetic set (`arithmetic`, `arithmetic:hard`): the training problems fine-tuning draws
-      from, and held-out problems (never in training) for evaluation;
+    - the built-in arithmetic set (`arithmetic`, `arithmetic:hard`, `arithmetic:terse`): the training problems
+      fine-tuning draws from, and held-out problems (never in training) for evaluation;
     - a local or hub table with `question` and `answer` columns (GSM8K: the final answer follows `####`);
     - conversations (a `messages` column) whose last assistant turn is the answer.
 A table's held-out problems are its validation split's first rows, or else the last rows of its training split.

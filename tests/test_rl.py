@@ -75,6 +75,19 @@ def test_hard_arithmetic_has_more_digits_operands_and_partial_products():
         arithmetic.difficulty_of("arithmetic:harder")
 
 
+def test_terse_arithmetic_is_the_hard_problems_with_3_worked_solutions_in_10():
+    hard, terse = (arithmetic.problems(1000, seed=5, held_out=False, difficulty=d) for d in ("hard", "terse"))
+    assert [r["messages"][0] for r in terse] == [r["messages"][0] for r in hard]  # the same problems
+    worked = [t["messages"][1] == h["messages"][1] for t, h in zip(terse, hard)]
+    assert 0.25 < sum(worked) / len(worked) < 0.35
+    for row, shown in zip(terse, worked):
+        if not shown:  # the whole problem in one step, its answer right
+            question = row["messages"][0]["content"]
+            assert row["messages"][1]["thinking"] == f"1. {question[8:-1].replace(' ', '')}={row['answer']}"
+    held = [arithmetic.problems(100, seed=6, held_out=True, difficulty=d) for d in ("hard", "terse")]
+    assert held[0] == held[1]  # held-out problems are only asked: their replies are the worked ones
+
+
 # ----------------------------------------------------------------------------- advantages and the loss
 
 def test_advantages_are_reward_minus_the_group_mean():
