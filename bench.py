@@ -107,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600,
                    help="fine-tuning steps after the start; RL runs the steps that take as long")
     p.add_argument("--time_rounds", type=int, default=5, help="rounds of the step-time measurement")
-    p.add_argument("--rl_flags", default="--muon_lr 0.003 --adamw_lr 0.0003", help="run_rl.py's settings (its "
-                   "defaults otherwise): three times its learning rates, where 0.005 collapsed and 0.001 barely moves")
+    p.add_argument("--rl_flags", default="", help="run_rl.py's settings (its defaults otherwise)")
     p.add_argument("--evals", type=int, default=4, help="evaluations during each run")
     p.add_argument("--eval_answers", type=int, default=50, help="held-out problems answered at each evaluation")
     p.add_argument("--problems", type=int, default=200, help="final held-out problems (all kinds and sizes)")
