@@ -1,8 +1,8 @@
 """Reinforcement learning on checkable answers (GRPO): `python run_rl.py --init_from OUT_DIR [--FIELD VALUE ...]`.
 
-    python run_train.py --dataset arithmetic:hard --out_dir out_chat        # first, a chat model (fine-tuned)
-    python run_rl.py --init_from out_chat --dataset arithmetic:hard         # then RL on its own answers -> out_rl
-    python run_rl.py --init_from out_chat --dataset arithmetic:hard --resume     # continue out_rl
+    python run_train.py --dataset arithmetic:terse --out_dir out_chat       # first, a chat model (fine-tuned)
+    python run_rl.py --init_from out_chat --dataset arithmetic:terse        # then RL on its own answers -> out_rl
+    python run_rl.py --init_from out_chat --dataset arithmetic:terse --resume    # continue out_rl
     torchrun --nproc_per_node 8 run_rl.py --init_from out_chat ...          # DDP: each process its own prompts
 
 One step: G completions (`group_size`) for each of `prompts_per_step` problems, sampled with the engine (one
