@@ -26,6 +26,7 @@ import argparse
 
 import torch
 
+from arithmetic import DIFFICULTIES
 from benchmarks.common import REPO
 from benchmarks.data_pipeline import cmd_data
 from benchmarks.memory import cmd_memory
@@ -100,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rl", cmd_rl, "a fine-tuned model continued with RL or with more fine-tuning, same time", rounds=1,
             warmup=0, tiny=False)
     p.add_argument("--start_steps", type=int, default=800, help="fine-tuning steps of the starting checkpoint")
-    p.add_argument("--dataset", default="arithmetic:terse", help="the built-in problems RL and fine-tuning "
-                   "continue on (arithmetic:terse: the hard ones, 3 worked solutions in 10; or arithmetic:hard)")
+    p.add_argument("--dataset", default="arithmetic:terse", choices=[f"arithmetic:{d}" for d in DIFFICULTIES],
+                   help="the built-in problems RL and fine-tuning continue on (arithmetic:terse: the hard ones, 3 "
+                   "worked solutions in 10)")
     p.add_argument("--start", default="", help="start from this chat model (an out_dir) fine-tuned on --dataset "
                    "instead of fine-tuning one")
     p.add_argument("--steps", type=int, default=600,

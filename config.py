@@ -264,8 +264,8 @@ class RLConfig:
     init_from: str = option("", "the chat model to start from: a run's out_dir fine-tuned on conversations (a "
                             "Blueberry run or a Hugging Face folder with the chat format)")
     dataset: str = option("arithmetic", "problems with checkable answers: `arithmetic`, `arithmetic:hard` or "
-                          "`arithmetic:terse` (built-in), or a local or hub dataset with `question` and `answer` columns (GSM8K's "
-                          "`#### answer`) or `messages` whose last assistant turn is the answer")
+                          "`arithmetic:terse` (built-in), or a local or hub dataset with `question` and `answer` "
+                          "columns (GSM8K's `#### answer`) or `messages` whose last assistant turn is the answer")
     reward: str = option("rewards:reward", "the reward of a completion, as module:function(problem, completion) -> "
                          "float (default: 1 for the right final answer, else 0)")
     cache_dir: str = like("cache_dir")

@@ -91,15 +91,9 @@ def plot_curves(rl_rows: list, rl_steps: int, ft_rows: list, ft_steps: int, data
 
 
 def cmd_rl(args):
-    try:
-        difficulty = arithmetic.difficulty_of(args.dataset)
-    except ValueError as e:
-        raise SystemExit(f"bench.py rl: {e}") from None
-    if difficulty is None:
-        raise SystemExit(f"bench.py rl: --dataset {args.dataset!r} is not the built-in set; use arithmetic:terse or "
-                         f"arithmetic:hard")
     print(f"machine: {machine()}")
-    rows = arithmetic.problems(args.problems, args.seed + 7, held_out=True, difficulty=difficulty)
+    rows = arithmetic.problems(args.problems, args.seed + 7, held_out=True,
+                               difficulty=arithmetic.difficulty_of(args.dataset))
     data_flags = ["--dataset", args.dataset, *CONTEXT]
     eval_flags = ["--eval_answers", str(args.eval_answers)]
     out = Path(args.out)
