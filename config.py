@@ -26,7 +26,7 @@ def option(default, help: str, choices: tuple | None = None, kind=None, shown: s
 
 @dataclass
 class ModelConfig:
-    # sizes (the reference configuration: 18.9M parameters, 6.3M without embeddings)
+    # sizes (the reference configuration: 16.7M parameters, 4.1M without embeddings)
     vocab_size: int = option(24576, "vocabulary size; always the tokenizer's, set at run time",
                              shown="the tokenizer's (--tokenizer)")
     d_model: int = option(256, "width of the residual stream")
@@ -35,8 +35,8 @@ class ModelConfig:
     n_kv_heads: int = option(2, "key/value heads for grouped-query attention (must divide n_heads)")
     max_seq_len: int = option(256, "context length in tokens")
     rope_theta: float = option(10000.0, "RoPE base")
-    ffn_mult_first: float = option(1.5, "MLP width of the first block, in multiples of d_model")
-    ffn_mult_last: float = option(4.0, "MLP width of the last block (equal to first: a uniform MLP)")
+    ffn_mult_first: float = option(1.25, "MLP width of the first block, in multiples of d_model")
+    ffn_mult_last: float = option(3.0, "MLP width of the last block (equal to first: a uniform MLP)")
     multiple_of: int = option(64, "MLP widths are rounded up to a multiple of this")
     norm_eps: float = option(1e-6, "RMSNorm epsilon")
     dropout: float = option(0.0, "dropout on attention and sublayer outputs")
@@ -51,8 +51,10 @@ class ModelConfig:
     attn_gate: bool = option(True, "gated attention (G1): sigmoid gate on the attention output")
     zero_init: bool = option(True, "blocks start as the identity, the head at zero")
     depth_init: bool = option(True, "MLP input std falls with depth from init_std_first to init_std_last")
-    # 2026 recipe switches (nanochat, modded-nanogpt), off unless `python bench.py ablate` shows a win
-    mlp: str = option("swiglu", "MLP kind: `swiglu` or `relu2` (down(relu(x W)^2), one input matrix)",
+    # 2026 recipe switches (nanochat, modded-nanogpt): on where the race and `python bench.py ablate` showed a win
+    # (BENCHMARKS.md, recipe), else off
+    mlp: str = option("relu2", "MLP kind: `relu2` (down(relu(x W)^2), one input matrix) or `swiglu` (down(silu(x G) "
+                      "* x U))",
                       choices=("swiglu", "relu2"))
     value_embeds: bool = option(False, "gated value embeddings: every other block (the last always) adds a per-token "
                                 "embedding to its values, gated per kv head")
@@ -81,7 +83,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def ffn_hidden(self, layer: int) -> int:
-        """Hidden width of block `layer`'s SwiGLU MLP (pyramidal, rounded up to multiple_of)."""
+        """Hidden width of block `layer`'s MLP (pyramidal, rounded up to multiple_of)."""
         frac = layer / (self.n_layers - 1) if self.n_layers > 1 else 0.0
         mult = self.ffn_mult_first + (self.ffn_mult_last - self.ffn_mult_first) * frac
         return self.multiple_of * math.ceil(self.d_model * mult / self.multiple_of)
@@ -140,14 +142,14 @@ class TrainConfig:
     max_steps: int = option(3000, "optimizer steps (the run ends at max_steps or time_budget, whichever comes first)")
     time_budget: float = option(0.0, "seconds of training; > 0 runs the schedule on wall time and ends on time")
     warmup_frac: float = option(0.02, "share of the run spent warming the learning rate up")
-    decay_frac: float = option(0.3, "share of the run at the end spent decaying it linearly")
+    decay_frac: float = option(0.5, "share of the run at the end spent decaying it linearly")
     min_lr_frac: float = option(0.0, "learning rate at the end of the decay, as a share of the peak")
     optimizer: str = option("muon", "`muon` (Muon for hidden matrices + AdamW) or `adamw` (AdamW for everything)",
                             choices=("muon", "adamw"))
     muon_lr: float = option(0.02, "Muon learning rate")
     muon_momentum: float = option(0.95, "Muon (Nesterov) momentum")
     muon_momentum_warmup_steps: int = option(300, "steps over which momentum ramps from 0.85 (0 = off)")
-    muon_weight_decay: float = option(0.0, "Muon decoupled weight decay")
+    muon_weight_decay: float = option(0.05, "Muon decoupled weight decay")
     muon_polar_express: bool = option(False, "Muon orthogonalizes with Polar Express's per-step coefficients instead "
                                       "of the fixed quintic")
     normuon: bool = option(False, "NorMuon: each neuron of Muon's update divided by its running RMS, the update's "
@@ -293,7 +295,7 @@ class RLConfig:
     muon_lr: float = like("muon_lr", 0.001)
     muon_momentum: float = like("muon_momentum")
     muon_momentum_warmup_steps: int = like("muon_momentum_warmup_steps", 0)
-    muon_weight_decay: float = like("muon_weight_decay")
+    muon_weight_decay: float = like("muon_weight_decay", 0.0)
     adamw_lr: float = like("adamw_lr", 0.0001)
     adamw_beta1: float = like("adamw_beta1")
     adamw_beta2: float = like("adamw_beta2")
@@ -385,6 +387,9 @@ PRESETS = {
     ),
     "scale": dict(
         vocab_size=50304, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=8, max_seq_len=2048,
+        # the MLP it was sized and memory-planned with (the README's table); the recipe race that made ReLU² and
+        # narrower widths the defaults ran at 1-6M parameters, far from this one's 1.39B
+        mlp="swiglu", ffn_mult_first=1.5, ffn_mult_last=4.0,
         batch_size=8, grad_accum_steps=8, max_steps=20000, eval_every=500, save_every=1000,
         tokenizer="gpt2", muon_lr=0.01, adamw_lr=0.001, parallel="fsdp", activation_checkpointing=True,
         reduce_every_micro_batch=True,  # whole fp32 gradients (+5.2 GiB per GPU) would not fit two T4s

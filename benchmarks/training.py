@@ -183,17 +183,21 @@ def ablation_variants(corpus: str) -> dict:
 
 
 def recipe_variants(corpus: str) -> dict:
-    """name -> config fields: the current defaults, then each 2026 recipe switch (issue 29) on alone."""
+    """name -> config fields: the current defaults, the defaults before the race, then each 2026 recipe switch (issue
+    29) changed alone."""
     return {"defaults": {},
-            "mlp relu2": dict(mlp="relu2"),
-            "mlp relu2, widths x1.5": dict(mlp="relu2", ffn_mult_first=2.25, ffn_mult_last=6.0),  # ~SwiGLU's params
+            # the defaults before the race (issue 29) chose ReLU², narrower widths, Muon weight decay and a longer decay
+            "before: swiglu 1.5 -> 4.0, no Muon wd, decay 0.3": dict(mlp="swiglu", ffn_mult_first=1.5, ffn_mult_last=4.0,
+                                                                    muon_weight_decay=0.0, decay_frac=0.3),
+            "mlp swiglu": dict(mlp="swiglu"),
+            "mlp relu2, widths x1.5": dict(ffn_mult_first=1.875, ffn_mult_last=4.5),  # ~SwiGLU's params
             "value_embeds": dict(value_embeds=True),
             "resid_lambdas": dict(resid_lambdas=True),
             "logit_softcap 15": dict(logit_softcap=15.0),
             "muon_polar_express": dict(muon_polar_express=True),
             "normuon": dict(normuon=True),
-            "muon_weight_decay 0.05": dict(muon_weight_decay=0.05),
-            "muon_weight_decay 0.05 cautious": dict(muon_weight_decay=0.05, cautious_weight_decay=True)}
+            "no muon_weight_decay": dict(muon_weight_decay=0.0),
+            "muon_weight_decay cautious": dict(cautious_weight_decay=True)}
 
 
 SHAPES = {"cpu": {},  # the cpu preset's model; t4: the reference model's shape (the class defaults) on the same data

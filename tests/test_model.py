@@ -10,8 +10,8 @@ from model import Blueberry, LinearCrossEntropy
 
 TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=48)
 LLAMA = dict(**LLAMA_SWITCHES, ffn_mult_first=2.0, ffn_mult_last=2.0)  # the switches and a uniform MLP
-# the 2026 recipe switches (issue 29), each on alone and all together
-RECIPE = [dict(mlp="relu2"), dict(value_embeds=True), dict(resid_lambdas=True), dict(logit_softcap=3.0),
+# the 2026 recipe switches (issue 29), each changed alone and all together (ReLU² is the default MLP: SwiGLU is the switch)
+RECIPE = [dict(mlp="swiglu"), dict(value_embeds=True), dict(resid_lambdas=True), dict(logit_softcap=3.0),
           dict(mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=3.0, n_layers=4)]
 
 
@@ -247,15 +247,15 @@ def test_embed_scale_multiplies_input_by_sqrt_d_model():
 def test_pyramid_widths_follow_formula():
     cfg = ModelConfig(vocab_size=10, d_model=256, n_layers=8)
     widths = [cfg.ffn_hidden(i) for i in range(8)]
-    expected = [64 * math.ceil(256 * (1.5 + 2.5 * i / 7) / 64) for i in range(8)]
-    assert widths == expected and widths[0] == 384 and widths[-1] == 1024
+    expected = [64 * math.ceil(256 * (1.25 + 1.75 * i / 7) / 64) for i in range(8)]  # defaults: 1.25 -> 3.0
+    assert widths == expected and widths[0] == 320 and widths[-1] == 768
     assert widths == sorted(widths)
     model = Blueberry(cfg)
     assert [b.mlp.down.weight.shape[1] for b in model.blocks] == widths
     uniform = ModelConfig(vocab_size=10, ffn_mult_first=2.0, ffn_mult_last=2.0)
     assert {uniform.ffn_hidden(i) for i in range(8)} == {512}
-    assert ModelConfig(vocab_size=10, n_layers=1).ffn_hidden(0) == 384
-    assert ModelConfig(vocab_size=10, d_model=100, n_heads=5, n_kv_heads=1, multiple_of=64).ffn_hidden(0) == 192
+    assert ModelConfig(vocab_size=10, n_layers=1).ffn_hidden(0) == 320
+    assert ModelConfig(vocab_size=10, d_model=100, n_heads=5, n_kv_heads=1, multiple_of=64).ffn_hidden(0) == 128
 
 
 def test_depth_aware_init_stds_decrease_and_stay_positive():
@@ -296,7 +296,7 @@ def test_bf16_autocast_forward_backward_on_cpu():
 
 def test_summary_mentions_sizes_and_widths():
     text = tiny().summary()
-    assert "params" in text and "without embeddings" in text and "[128, 192, 256]" in text
+    assert "params" in text and "without embeddings" in text and "[128, 192, 192]" in text
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -398,7 +398,7 @@ def test_relu2_mlp_has_one_input_matrix_and_no_muon_split():
     assert mlp.w_in.weight.shape == (128, 64) and "blocks.0.mlp.w_in.weight" not in model.muon_splits()
     x = torch.randn(2, 5, 64)
     torch.testing.assert_close(mlp(x), F.relu(x @ mlp.w_in.weight.t()).square() @ mlp.down.weight.t())
-    assert tiny(mlp="relu2").num_params() < tiny().num_params()
+    assert tiny(mlp="relu2").num_params() < tiny(mlp="swiglu").num_params()
 
 
 def test_logit_softcap_bounds_the_logits_and_its_fused_gradients_match_autograd():
@@ -422,7 +422,7 @@ def test_logit_softcap_bounds_the_logits_and_its_fused_gradients_match_autograd(
 
 def test_recipe_switches_are_not_llama():
     from config import llama_equivalent
-    for overrides in RECIPE[:4]:
+    for overrides in [dict(mlp="relu2"), *RECIPE[1:4]]:  # ReLU², the default, is not Llama's MLP
         cfg = ModelConfig(**TINY, **overrides)
         assert list(overrides)[0] in cfg.non_llama_features()
         assert llama_equivalent(cfg).non_llama_features() == []

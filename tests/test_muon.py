@@ -243,7 +243,8 @@ def test_build_optimizers_grouping(optimizer):
 def test_build_optimizers_on_blueberry():
     from config import ModelConfig
     from model import Blueberry
-    model = Blueberry(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    model = Blueberry(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                                  mlp="swiglu"))
     optimizers = check_grouping(model, TrainConfig())
     named = dict(model.named_parameters())
     assert optimizers[0].splits == {id(named[name]): rows for name, rows in model.muon_splits().items()}
@@ -261,11 +262,12 @@ def test_muon_splits_come_from_the_model_by_name(fp32_torch_muon):
     are still orthogonalized per projection, because build_optimizers asks the model by name (torch as the oracle)."""
     from config import ModelConfig
     from model import Blueberry
-    model = Blueberry(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    model = Blueberry(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                                  mlp="swiglu"))
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             setattr(module, name, nn.Parameter(p.detach().clone()))
-    muon_opt = build_optimizers(model, TrainConfig())[0]
+    muon_opt = build_optimizers(model, TrainConfig(muon_weight_decay=0.0))[0]
     muon_opt.ns_dtype = FP32
     named = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(0)
