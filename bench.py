@@ -37,6 +37,7 @@ from benchmarks.speed import cmd_gpu, cmd_model, cmd_muon
 from benchmarks.rl import cmd_rl
 from benchmarks.stepwise import cmd_stepwise
 from benchmarks.training import cmd_ablate, cmd_train
+from data import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +157,10 @@ def main(argv=None):
         args.rounds, args.warmup = 1, 1
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except DataError as e:  # a corpus it cannot read (e.g. --shakespeare_path): one line, as run_train.py says it
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

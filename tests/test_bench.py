@@ -59,6 +59,13 @@ def test_race_without_nanochat_is_one_line_naming_the_path_and_where_to_get_it(t
     assert proc.stderr.count("\n") == 1 and "--nanochat PATH" in proc.stderr and "karpathy/nanochat" in proc.stderr
 
 
+def test_a_missing_corpus_is_one_line_naming_it(tmp_path):
+    missing = tmp_path / "tinyshakespeare.txt"
+    proc = run_script("bench.py", "ablate", "--corpus", "char", "--shakespeare_path", missing, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and str(missing) in proc.stderr
+
+
 @pytest.mark.skipif(not os.environ.get("NANOCHAT_PATH"), reason="NANOCHAT_PATH: a nanochat checkout to race")
 def test_race_tiny_scores_both_sides_and_gives_the_bar():
     proc = run_script("bench.py", "race", "--tiny", "--corpus", "char", "--nanochat", os.environ["NANOCHAT_PATH"],

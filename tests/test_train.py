@@ -187,22 +187,22 @@ def test_a_run_saved_under_older_defaults_resumes_with_its_own_settings(tmp_path
     decay: the defaults before issue 29), not today's defaults; flags given with --resume still apply."""
     out = tmp_path / "old"
     old = ["--ffn_mult_first", "1.5", "--ffn_mult_last", "4.0", "--muon_weight_decay", "0", "--decay_frac", "0.3"]
-    first = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, *old, "--mlp", "swiglu", "--max_steps", 20,
+    first = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, *old, "--mlp", "swiglu", "--max_steps", 8,
                        "--sample_tokens", 0, "--out_dir", out, "--cache_dir", cache_dir)
     assert first.returncode == 0, first.stderr
     config = json.loads((out / "config.json").read_text())
     del config["model"]["mlp"]  # as a run saved before the switch existed wrote it
     (out / "config.json").write_text(json.dumps(config))
-    resumed = run_script("run_train.py", "--out_dir", out, "--resume", "--max_steps", 40, "--cache_dir", cache_dir)
+    resumed = run_script("run_train.py", "--out_dir", out, "--resume", "--max_steps", 16, "--cache_dir", cache_dir)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {out} at step 20" in resumed.stdout
+    assert f"resumed from {out} at step 8" in resumed.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["step"] == 40 and config["train"]["max_steps"] == 40  # the flag given now applies
+    assert config["step"] == 16 and config["train"]["max_steps"] == 16  # the flag given now applies
     assert (config["model"]["mlp"], config["model"]["ffn_mult_first"], config["model"]["d_model"]) == ("swiglu", 1.5, 64)
     assert (config["train"]["decay_frac"], config["train"]["muon_weight_decay"]) == (0.3, 0.0)
-    row = next(r for r in metrics(out) if r["step"] == 35)  # step 35's lr: set at 34 of 40 steps, in the decay
-    assert row["lr_scale"] == pytest.approx(lr_multiplier(34 / 40, TrainConfig(decay_frac=0.3)))
-    assert row["lr_scale"] != pytest.approx(lr_multiplier(34 / 40, TrainConfig()))
+    row = next(r for r in metrics(out) if r["step"] == 15)  # step 15's lr: set at 14 of 16 steps, in the decay
+    assert row["lr_scale"] == pytest.approx(lr_multiplier(14 / 16, TrainConfig(decay_frac=0.3)))
+    assert row["lr_scale"] != pytest.approx(lr_multiplier(14 / 16, TrainConfig()))
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, cache_dir):
