@@ -36,7 +36,7 @@ def train(argv=None):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     model_cfg, train_cfg, preset, given = parse_args(argv)
-    model_cfg, train_cfg = trainer.resumed_settings(model_cfg, train_cfg, given)  # --resume: the run's own
+    model_cfg, train_cfg = checkpoint.resumed_settings(model_cfg, train_cfg, given)  # --resume: the run's own
     say(preset_line(preset, given))
     device, dtype, amp, scaler = trainer.setup(train_cfg, local_rank)  # also refuses to replace a run unasked
     out_dir = Path(train_cfg.out_dir)

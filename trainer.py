@@ -92,21 +92,6 @@ def runtime(device, dtype, cfg, world: int) -> str:
     return f"{device} ({', '.join(how)})"
 
 
-def resumed_settings(model_cfg, train_cfg, given: dict) -> tuple:
-    """--resume: (model settings, train settings) of the run in out_dir, from its config.json, with the flags given
-    now on top. A run resumes as it was started, even after a default it relied on changed (issue 29 changed the
-    MLP and the schedule); a given model flag that differs from the checkpoint is refused by load_resume_state."""
-    if not (train_cfg.resume and (Path(train_cfg.out_dir) / checkpoint.CONFIG).is_file()):
-        return model_cfg, train_cfg
-    saved = checkpoint.read_config(train_cfg.out_dir)
-    now = {f.name for f in dataclasses.fields(model_cfg)}
-    model_cfg = dataclasses.replace(saved["model"], **{k: v for k, v in given.items() if k in now})
-    now = {f.name for f in dataclasses.fields(train_cfg)}
-    train = {k: v for k, v in saved.get("train", {}).items() if k in now}  # a field since removed is dropped
-    given_train = {k: v for k, v in given.items() if k in now}
-    return model_cfg, dataclasses.replace(train_cfg, **{**train, "overwrite": False, **given_train})
-
-
 def init_from(cfg, model_cfg, given: dict) -> tuple:
     """--init_from: (source model, its tokenizer, this run's model settings, a description), or (None, None,
     model_cfg, None) when training from scratch. The settings are the source's; flags that would change a weight
