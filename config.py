@@ -60,6 +60,9 @@ class ModelConfig:
                                 "embedding to its values, gated per kv head")
     resid_lambdas: bool = option(False, "learnable residual/x0 lambdas: before block i, x = a_i x + b_i x0 (x0: the "
                                  "input embedding)")
+    bigram_buckets: int = option(0, "bigram hash embedding (modded-nanogpt): a table of this many rows, indexed by a "
+                                 "hash of each token and the one before it, mixed into the stream before every "
+                                 "block with a learned weight per block (0 = off)")
     logit_softcap: float = option(0.0, "squash the logits to (-c, c) with c tanh(logits / c) (0 = off; nanochat: 15)")
 
     def __post_init__(self):
@@ -70,6 +73,8 @@ class ModelConfig:
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(self.logit_softcap >= 0, "logit_softcap", "must be >= 0 (0 = off)")
+        _check(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "bigram_buckets",
+               "must be 0 (off) or at least 2 (one row is kept for a sequence's first token)")
         _check_choices(self)
         _check(self.d_model % self.n_heads == 0, "n_heads",
                f"must divide d_model={self.d_model}; pick n_heads from {_divisors(self.d_model)}")
@@ -106,7 +111,7 @@ class ModelConfig:
 
 # The 2026 recipe switches, off. A saved config that lacks one predates it: it loads with the switch off,
 # whatever today's default (saved_model_config).
-RECIPE_OFF = dict(mlp="swiglu", value_embeds=False, resid_lambdas=False, logit_softcap=0.0)
+RECIPE_OFF = dict(mlp="swiglu", value_embeds=False, resid_lambdas=False, bigram_buckets=0, logit_softcap=0.0)
 # With these switches and a uniform MLP (`llama_equivalent`), Blueberry is transformers' LlamaForCausalLM:
 # the same function of the same weights (tested), initialized the way Llama is.
 LLAMA_SWITCHES = dict(embed_scale=False, sandwich_norm=False, qk_norm=False, attn_gate=False,

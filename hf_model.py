@@ -57,10 +57,13 @@ def new_cache(config):
 class CacheView:
     """model.KVCache's interface over a transformers Cache (DynamicCache by default), so that model.py's forward
     pass runs unchanged on the cache that generate() owns, grows, reorders (beam search) and crops. Every row
-    holds as many slots as the others (transformers pads on the left: `pad`), so new tokens go at the end."""
+    holds as many slots as the others (transformers pads on the left: `pad`), so new tokens go at the end.
+    `previous_token` (B,): the token before the new ones, which a model with bigram_buckets reads (generate() passes
+    it, see BlueberryForCausalLM.prepare_inputs_for_generation); the cache holds keys and values, not tokens."""
 
-    def __init__(self, cache, pad, max_len: int, input_ids):
+    def __init__(self, cache, pad, max_len: int, input_ids, previous_token=None):
         self.cache, self.pad, self.max_len, self.input_ids = cache, pad, max_len, input_ids
+        self.previous_token = previous_token
 
     def append(self, T: int) -> tuple:
         past = self.cache.get_seq_length()
@@ -70,6 +73,17 @@ class CacheView:
 
     def update(self, layer: int, k, v):
         return self.cache.update(k, v, layer)
+
+    def previous_tokens(self, idx, slots):
+        """model.KVCache.previous_tokens: the token before each new one, -1 before a row's first real token."""
+        past = int(slots[0, 0])
+        if past and self.previous_token is None:
+            raise ValueError("this model (bigram_buckets) continues a cache only with previous_token=, the token "
+                             "before the new input_ids (generate() passes it)")
+        first = self.previous_token[:, None] if past else torch.full_like(idx[:, :1], -1)
+        before = torch.cat([first.to(idx), idx[:, :-1]], dim=1)
+        real = slots if self.pad is None else slots - self.pad[:, None]
+        return before.masked_fill(real <= 0, -1)
 
 
 def left_padding(attention_mask, past: int):
@@ -121,10 +135,20 @@ class BlueberryForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.model.lm_head  # None when tied: the head is the embedding
 
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """transformers' inputs for the next forward pass, plus the token before its new ones where the model
+        reads it (bigram_buckets): only generate() holds the whole sequence."""
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        new = inputs["input_ids"].size(1) if inputs.get("input_ids") is not None else 0
+        if self.model.bigram_embed is not None and 0 < new < input_ids.size(1):
+            inputs["previous_token"] = input_ids[:, -new - 1]
+        return inputs
+
     def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, labels=None,
-                use_cache=None, logits_to_keep=0, inputs_embeds=None, return_dict=None, **kwargs):
+                use_cache=None, logits_to_keep=0, inputs_embeds=None, return_dict=None, previous_token=None,
+                **kwargs):
         """transformers' causal-LM forward: `labels` unshifted (-100 ignored), the cache as `cache` (transformers
-        5) or `past_key_values` (4.x), left padding read from `attention_mask`."""
+        5) or `past_key_values` (4.x), left padding read from `attention_mask`; `previous_token`: see CacheView."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("BlueberryForCausalLM takes input_ids (inputs_embeds are not supported)")
         cache = cache if cache is not None else past_key_values
@@ -133,7 +157,8 @@ class BlueberryForCausalLM(PreTrainedModel, GenerationMixin):
             cache = new_cache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
         pad = left_padding(attention_mask, past)
-        view = CacheView(cache, pad, self.model.cfg.max_seq_len, input_ids) if cache is not None else None
+        view = (CacheView(cache, pad, self.model.cfg.max_seq_len, input_ids, previous_token) if cache is not None
+                else None)
         if view is None and pad is not None:  # left padding without a cache: a throwaway one carries it
             view = self.model.make_cache(input_ids.size(0), input_ids.size(1), pad)
         loss = None

@@ -2,7 +2,7 @@
 
 Read top to bottom: RMSNorm, RoPE, the fused head + loss, the KV cache, Attention (fused QKV, GQA, QK-norm, gated
 output, gated value embeddings), MLP (SwiGLU or ReLU², pyramidal widths), Block (sandwich norm), Blueberry
-(embedding, residual/x0 lambdas, blocks, head with an optional logit soft-cap, init). Every upgrade has a
+(embedding, bigram hash embedding, residual/x0 lambdas, blocks, head with an optional logit soft-cap, init). Every upgrade has a
 `ModelConfig` switch; with config.LLAMA_SWITCHES and equal ffn multipliers this is exactly
 `transformers.LlamaForCausalLM` (llama.py maps the weights).
 """
@@ -116,11 +116,12 @@ class KVCache:
     alone, and a row can be emptied and refilled while the others go on (engine.py). Attention reads the slots up
     to the longest row only, so a new token costs work in proportion to the tokens so far, not to max_len.
     `pad` (B,), optional: slots of left padding that open each row (how transformers batches prompts, see
-    hf_model.py), which no real token attends to and which RoPE positions skip.
+    hf_model.py), which no real token attends to and which RoPE positions skip. `tokens` (B, max_len), optional:
+    the token in each slot, for a model whose input reads the token before (bigram_buckets).
     """
 
-    def __init__(self, keys, values, lengths=None, pad=None):
-        self.k, self.v, self.pad = keys, values, pad
+    def __init__(self, keys, values, lengths=None, pad=None, tokens=None):
+        self.k, self.v, self.pad, self.tokens = keys, values, pad, tokens
         self.lengths = keys.new_zeros(keys.size(1), dtype=torch.long) if lengths is None else lengths
 
     @property
@@ -137,11 +138,22 @@ class KVCache:
         if (start, stop) == (0, len(self.lengths)):
             return self
         pad = None if self.pad is None else self.pad[start:stop]
-        return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop], pad)
+        tokens = None if self.tokens is None else self.tokens[start:stop]
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop], pad, tokens)
 
     def move(self, src: int, dst: int):
         """Copy row src over row dst (the engine keeps its running rows first)."""
         self.k[:, dst], self.v[:, dst], self.lengths[dst] = self.k[:, src], self.v[:, src], self.lengths[src]
+        if self.tokens is not None:
+            self.tokens[dst] = self.tokens[src]
+
+    def previous_tokens(self, idx, slots):
+        """The token before each new one (idx, at `slots`) in its row, -1 before a row's first real token; the new
+        tokens are stored in their slots for the next call."""
+        self.tokens.scatter_(1, slots, idx)
+        before = self.tokens.gather(1, (slots - 1).clamp_min(0))
+        first = slots if self.pad is None else slots - self.pad[:, None]
+        return before.masked_fill(first <= 0, -1)
 
     def append(self, T: int) -> tuple:
         """Room for T new tokens after each row's: returns their slots (B, T) and how many slots attention reads
@@ -182,6 +194,14 @@ def attention_mask(slots, end: int, pad=None):
         # which would then reach real tokens through its (masked, but NaN) value.
         mask = (mask & (keys >= pad[:, None, None])) | (keys == slots[..., None])
     return mask[:, None]
+
+
+def bigram_rows(idx, before, buckets: int):
+    """Each token's row of the bigram table: the pair (token before it, token) hashed into the first buckets - 1
+    rows (modded-nanogpt's hash: no vocabulary size in it, so added tokens keep every pair's row), the last row
+    where no token comes before (`before` < 0)."""
+    pair = torch.bitwise_xor(36313 * idx, 27191 * before.clamp_min(0)) % (buckets - 1)
+    return pair.masked_fill(before < 0, buckets - 1)
 
 
 VE_GATE_CHANNELS = 12  # input channels the value-embedding gate reads (nanochat's)
@@ -293,6 +313,10 @@ class Blueberry(nn.Module):
         # residual/x0 lambdas (resid_lambdas): before block i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0
         self.resid_lambdas = nn.Parameter(torch.ones(cfg.n_layers)) if cfg.resid_lambdas else None
         self.x0_lambdas = nn.Parameter(torch.zeros(cfg.n_layers)) if cfg.resid_lambdas else None
+        # bigram hash embedding (bigram_buckets): a vector per (token before, token) pair, hashed into a table, added
+        # before block i with weight bigram_lambdas[i]: the pairs a small model learns first, for one lookup
+        self.bigram_embed = nn.Embedding(cfg.bigram_buckets, cfg.d_model) if cfg.bigram_buckets else None
+        self.bigram_lambdas = nn.Parameter(torch.ones(cfg.n_layers)) if cfg.bigram_buckets else None
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -322,6 +346,9 @@ class Blueberry(nn.Module):
                 nn.init.zeros_(block.attn.ve_gate.weight)
         if cfg.zero_init and self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)  # uniform next-token distribution at step 0
+        if self.bigram_embed is not None:  # modded-nanogpt's: the table starts at zero, each weight at 0.1
+            nn.init.zeros_(self.bigram_embed.weight)
+            self.bigram_lambdas.fill_(0.1)
         if cfg.resid_lambdas:  # nanochat's: early blocks keep more of the stream and mix in more of x0
             frac = torch.arange(cfg.n_layers) / max(cfg.n_layers - 1, 1)
             self.resid_lambdas.copy_(1.15 - 0.10 * frac)
@@ -338,7 +365,9 @@ class Blueberry(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         shape = (self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
         pad = None if pad is None else torch.as_tensor(pad, device=weight.device)
-        return KVCache(weight.new_zeros(shape, dtype=dtype), weight.new_zeros(shape, dtype=dtype), pad=pad)
+        tokens = weight.new_zeros((batch_size, max_len), dtype=torch.long) if self.bigram_embed is not None else None
+        return KVCache(weight.new_zeros(shape, dtype=dtype), weight.new_zeros(shape, dtype=dtype), pad=pad,
+                       tokens=tokens)
 
     def forward(self, idx, targets=None, cache=None, logits_to_keep=0):
         """Logits (B, T, vocab), or (logits, fp32 mean loss) with `targets` (-100 is ignored). With a cache, the
@@ -355,13 +384,17 @@ class Blueberry(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             mask = attention_mask(slots, end, cache.pad)
 
-        x = self.embed(idx)
-        if self.cfg.embed_scale:
-            x = x * math.sqrt(self.cfg.d_model)
+        scale = math.sqrt(self.cfg.d_model) if self.cfg.embed_scale else 1.0
+        x = self.embed(idx) * scale
         x0 = x
+        if self.bigram_embed is not None:
+            before = F.pad(idx[:, :-1], (1, 0), value=-1) if cache is None else cache.previous_tokens(idx, slots)
+            bigram = self.bigram_embed(bigram_rows(idx, before, self.cfg.bigram_buckets)) * scale
         for i, block in enumerate(self.blocks):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if self.bigram_embed is not None:
+                x = x + self.bigram_lambdas[i] * bigram
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, mask, cache, ve)
         if isinstance(logits_to_keep, torch.Tensor):
@@ -417,6 +450,7 @@ class Blueberry(nn.Module):
         if not embeddings:
             n -= self.embed.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
             n -= sum(e.weight.numel() for e in self.value_embeds.values())
+            n -= self.bigram_embed.weight.numel() if self.bigram_embed is not None else 0
         return n
 
     def summary(self) -> str:

@@ -179,14 +179,15 @@ def test_text_stream_sets_the_thinking_apart_in_a_chat_reply():
 
 
 def test_the_recipe_switches_decode_in_the_engine_as_without_a_cache():
-    """value embeddings, residual/x0 lambdas, a ReLU² MLP and a logit soft-cap (issue 29) through the engine's
+    """value embeddings, residual/x0 lambdas, a bigram table, a ReLU² MLP and a logit soft-cap (issue 29) through the engine's
     cached, batched decoding: each request gets the tokens of greedy decoding by full recomputation."""
     from config import ModelConfig
     from model import Blueberry
     from test_inference import greedy_by_recomputation
     torch.manual_seed(0)
     recipe = Blueberry(ModelConfig(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT,
-                                   mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=5.0))
+                                   mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=5.0,
+                                   bigram_buckets=37))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in recipe.parameters():

@@ -383,11 +383,13 @@ def test_a_chat_run_exports_a_chat_model(chat_run, tmp_path):
 
 
 def test_the_recipe_switches_export_with_their_own_code(tmp_path):
-    """ReLU² MLP, gated value embeddings, residual/x0 lambdas and a logit soft-cap (issue 29) are not Llama: the
-    export ships Blueberry's code, and transformers computes the same logits, cached greedy tokens and padded rows."""
+    """ReLU² MLP, gated value embeddings, residual/x0 lambdas, a bigram table and a logit soft-cap (issue 29) are not
+    Llama: the export ships Blueberry's code, and transformers computes the same logits, cached greedy tokens and
+    padded rows."""
     tokenizer = chat_tokenizer()
-    cfg = tiny_cfg(len(tokenizer), mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=8.0)
-    assert {"mlp", "value_embeds", "resid_lambdas", "logit_softcap"} <= set(cfg.non_llama_features())
+    cfg = tiny_cfg(len(tokenizer), mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=8.0,
+                   bigram_buckets=53)
+    assert {"mlp", "value_embeds", "resid_lambdas", "bigram_buckets", "logit_softcap"} <= set(cfg.non_llama_features())
     model = make_run(tmp_path / "run", cfg, tokenizer)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a fresh model's zero head gives uniform logits: give every weight a value

@@ -12,7 +12,8 @@ TINY = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_
 LLAMA = dict(**LLAMA_SWITCHES, ffn_mult_first=2.0, ffn_mult_last=2.0)  # the switches and a uniform MLP
 # the 2026 recipe switches (issue 29), each changed alone and all together (ReLU² is the default MLP: SwiGLU is the switch)
 RECIPE = [dict(mlp="swiglu"), dict(value_embeds=True), dict(resid_lambdas=True), dict(logit_softcap=3.0),
-          dict(mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=3.0, n_layers=4)]
+          dict(bigram_buckets=31),
+          dict(mlp="relu2", value_embeds=True, resid_lambdas=True, logit_softcap=3.0, bigram_buckets=31, n_layers=4)]
 
 
 def randomized(model, std=0.2, seed=0):
@@ -327,15 +328,16 @@ def test_a_config_without_the_recipe_switches_is_todays_model(tmp_path):
 
     import checkpoint
     from config import RECIPE_OFF
-    new = {"mlp", "value_embeds", "resid_lambdas", "logit_softcap"}
+    new = {"mlp", "value_embeds", "resid_lambdas", "bigram_buckets", "logit_softcap"}
     assert set(RECIPE_OFF) == new
     old = {k: v for k, v in dataclasses.asdict(ModelConfig(**TINY)).items() if k not in new}
     (tmp_path / checkpoint.CONFIG).write_text(json.dumps({"model": old}))
     cfg = checkpoint.read_config(tmp_path)["model"]
-    assert (cfg.mlp, cfg.value_embeds, cfg.resid_lambdas, cfg.logit_softcap) == ("swiglu", False, False, 0.0)
+    assert (cfg.mlp, cfg.value_embeds, cfg.resid_lambdas, cfg.bigram_buckets, cfg.logit_softcap) == (
+        "swiglu", False, False, 0, 0.0)
     torch.manual_seed(0)
     a = Blueberry(cfg)
-    b = tiny(mlp="swiglu", value_embeds=False, resid_lambdas=False, logit_softcap=0.0)
+    b = tiny(mlp="swiglu", value_embeds=False, resid_lambdas=False, bigram_buckets=0, logit_softcap=0.0)
     names = {"embed.weight", "norm.weight", "lm_head.weight"} | {
         f"blocks.{i}.{n}.weight" for i in range(3) for n in ("pre_attn_norm", "attn.qkv", "attn.q_norm", "attn.k_norm",
                                                              "attn.o_proj", "pre_mlp_norm", "mlp.w_in", "mlp.down",
@@ -348,11 +350,12 @@ def test_a_config_without_the_recipe_switches_is_todays_model(tmp_path):
 
 
 def test_recipe_switches_at_their_neutral_values_compute_todays_function():
-    """Each switch changes only what it names: value embeddings of zero, lambdas (1, 0) and a huge cap give the
-    same logits as the model without them, from the same weights."""
+    """Each switch changes only what it names: value embeddings of zero, lambdas (1, 0), a bigram table of zero and
+    a huge cap give the same logits as the model without them, from the same weights."""
     base = randomized(tiny())
     idx = torch.randint(0, 97, (2, 20))
-    for overrides in (dict(value_embeds=True), dict(resid_lambdas=True), dict(logit_softcap=1e6)):
+    for overrides in (dict(value_embeds=True), dict(resid_lambdas=True), dict(bigram_buckets=31),
+                      dict(logit_softcap=1e6)):
         model = randomized(tiny(**overrides))
         model.load_state_dict(base.state_dict(), strict=False)
         with torch.no_grad():
@@ -361,6 +364,8 @@ def test_recipe_switches_at_their_neutral_values_compute_todays_function():
             if model.resid_lambdas is not None:
                 model.resid_lambdas.fill_(1.0)
                 model.x0_lambdas.zero_()
+            if model.bigram_embed is not None:
+                model.bigram_embed.weight.zero_()
         torch.testing.assert_close(model(idx), base(idx), rtol=1e-5, atol=1e-5)
 
 
@@ -390,6 +395,34 @@ def test_resid_lambdas_start_as_nanochats_and_train_on_adamw():
     assert abs(model(idx, idx)[1].item() - math.log(97)) < 1e-5  # the zero head still starts uniform
     adamw = build_optimizers(model, TrainConfig())[-1]
     assert any(p is model.x0_lambdas for g in adamw.param_groups if g["weight_decay"] == 0 for p in g["params"])
+
+
+def test_the_bigram_table_reads_each_token_and_the_one_before_and_trains_on_adamw():
+    from config import TrainConfig
+    from model import bigram_rows
+    from muon import build_optimizers
+    model = tiny(bigram_buckets=31)
+    assert model.bigram_embed.weight.abs().sum() == 0  # starts at zero: the model at step 0 is the one without it
+    torch.testing.assert_close(model.bigram_lambdas.detach(), torch.full((3,), 0.1))
+    adamw = build_optimizers(model, TrainConfig())[-1]
+    assert any(p is model.bigram_embed.weight for g in adamw.param_groups for p in g["params"])
+    assert model.num_params(embeddings=False) == tiny().num_params(embeddings=False) + 3  # the table is an embedding
+    idx, before = torch.tensor([[3, 7, 7, 3]]), torch.tensor([[-1, 3, 7, 7]])
+    rows = bigram_rows(idx, before, 31)
+    assert rows[0, 0] == 30 and (rows[0, 1:] < 30).all()  # the first token has its own row
+    assert rows[0, 1] != rows[0, 3]  # (3, 7) and (7, 3) are different pairs
+    # pairs of a 65-character vocabulary spread over 20,480 rows, as they would with any vocabulary size
+    pairs = torch.cartesian_prod(torch.arange(65), torch.arange(65))
+    assert len(bigram_rows(pairs[:, 1], pairs[:, 0], 20480).unique()) > 0.85 * len(pairs)
+    randomized(model)
+    x = torch.randint(0, 97, (2, 20))
+    changed = x.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 97  # seen by attention from 9 on: here by the table at 10 too
+    with torch.no_grad():
+        model.bigram_embed.weight.zero_()
+        plain = model(x) - model(changed)
+        model.bigram_embed.weight.normal_()
+        assert (model(x) - model(changed) - plain)[:, 10].abs().max() > 1e-3
 
 
 def test_relu2_mlp_has_one_input_matrix_and_no_muon_split():
@@ -422,7 +455,7 @@ def test_logit_softcap_bounds_the_logits_and_its_fused_gradients_match_autograd(
 
 def test_recipe_switches_are_not_llama():
     from config import llama_equivalent
-    for overrides in [dict(mlp="relu2"), *RECIPE[1:4]]:  # ReLU², the default, is not Llama's MLP
+    for overrides in [dict(mlp="relu2"), *RECIPE[1:5]]:  # ReLU², the default, is not Llama's MLP
         cfg = ModelConfig(**TINY, **overrides)
         assert list(overrides)[0] in cfg.non_llama_features()
         assert llama_equivalent(cfg).non_llama_features() == []
@@ -430,3 +463,5 @@ def test_recipe_switches_are_not_llama():
         ModelConfig(**TINY, mlp="gelu")
     with pytest.raises(ValueError, match="logit_softcap"):
         ModelConfig(**TINY, logit_softcap=-1.0)
+    with pytest.raises(ValueError, match="bigram_buckets"):
+        ModelConfig(**TINY, bigram_buckets=1)
