@@ -60,7 +60,7 @@ class ModelConfig:
                                 "embedding to its values, gated per kv head")
     resid_lambdas: bool = option(False, "learnable residual/x0 lambdas: before block i, x = a_i x + b_i x0 (x0: the "
                                  "input embedding)")
-    bigram_buckets: int = option(0, "bigram hash embedding (modded-nanogpt): a table of this many rows, indexed by a "
+    bigram_buckets: int = option(20480, "bigram hash embedding (modded-nanogpt): a table of this many rows, indexed by a "
                                  "hash of each token and the one before it, mixed into the stream before every "
                                  "block with a learned weight per block (0 = off)")
     logit_softcap: float = option(0.0, "squash the logits to (-c, c) with c tanh(logits / c) (0 = off; nanochat: 15)")
@@ -392,9 +392,9 @@ PRESETS = {
     ),
     "scale": dict(
         vocab_size=50304, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=8, max_seq_len=2048,
-        # the MLP it was sized and memory-planned with (the README's table); the recipe race that made ReLU² and
-        # narrower widths the defaults ran at 1-6M parameters, far from this one's 1.39B
-        mlp="swiglu", ffn_mult_first=1.5, ffn_mult_last=4.0,
+        # the MLP it was sized and memory-planned with (the README's table), and no bigram table; the recipe race
+        # that made ReLU², narrower widths and the bigram table the defaults ran at 1-6M parameters, far from 1.39B
+        mlp="swiglu", ffn_mult_first=1.5, ffn_mult_last=4.0, bigram_buckets=0,
         batch_size=8, grad_accum_steps=8, max_steps=20000, eval_every=500, save_every=1000,
         tokenizer="gpt2", muon_lr=0.01, adamw_lr=0.001, parallel="fsdp", activation_checkpointing=True,
         reduce_every_micro_batch=True,  # whole fp32 gradients (+5.2 GiB per GPU) would not fit two T4s

@@ -190,6 +190,7 @@ def recipe_variants(corpus: str) -> dict:
             "before: swiglu 1.5 -> 4.0, no Muon wd, decay 0.3": dict(mlp="swiglu", ffn_mult_first=1.5, ffn_mult_last=4.0,
                                                                     muon_weight_decay=0.0, decay_frac=0.3),
             "mlp swiglu": dict(mlp="swiglu"),
+            "no bigram table": dict(bigram_buckets=0),
             "mlp relu2, widths x1.5": dict(ffn_mult_first=1.875, ffn_mult_last=4.5),  # ~SwiGLU's params
             "value_embeds": dict(value_embeds=True),
             "resid_lambdas": dict(resid_lambdas=True),

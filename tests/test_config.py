@@ -77,7 +77,7 @@ def test_readme_configuration_table_is_the_dataclasses():
 
 def test_llama_switches_are_defined_once_and_make_plain_llama():
     cfg = ModelConfig()
-    assert set(cfg.non_llama_features()) == {"embed_scale", "sandwich_norm", "qk_norm", "attn_gate", "mlp",
+    assert set(cfg.non_llama_features()) == {"embed_scale", "sandwich_norm", "qk_norm", "attn_gate", "mlp", "bigram_buckets",
                                              "pyramidal MLP (ffn_mult_first != ffn_mult_last)"}
     plain = llama_equivalent(cfg)
     assert plain.non_llama_features() == [] and all(getattr(plain, k) == v for k, v in LLAMA_SWITCHES.items())

@@ -242,6 +242,7 @@ def test_embed_scale_multiplies_input_by_sqrt_d_model():
     idx = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         b.embed.weight.mul_(8.0)  # sqrt(64)
+        b.bigram_embed.weight.mul_(8.0)  # the bigram table is an embedding too
     torch.testing.assert_close(a(idx), b(idx), rtol=1e-5, atol=1e-5)
 
 
@@ -352,11 +353,11 @@ def test_a_config_without_the_recipe_switches_is_todays_model(tmp_path):
 def test_recipe_switches_at_their_neutral_values_compute_todays_function():
     """Each switch changes only what it names: value embeddings of zero, lambdas (1, 0), a bigram table of zero and
     a huge cap give the same logits as the model without them, from the same weights."""
-    base = randomized(tiny())
+    base = randomized(tiny(bigram_buckets=0))
     idx = torch.randint(0, 97, (2, 20))
     for overrides in (dict(value_embeds=True), dict(resid_lambdas=True), dict(bigram_buckets=31),
                       dict(logit_softcap=1e6)):
-        model = randomized(tiny(**overrides))
+        model = randomized(tiny(**{"bigram_buckets": 0, **overrides}))
         model.load_state_dict(base.state_dict(), strict=False)
         with torch.no_grad():
             for e in model.value_embeds.values():
@@ -406,7 +407,7 @@ def test_the_bigram_table_reads_each_token_and_the_one_before_and_trains_on_adam
     torch.testing.assert_close(model.bigram_lambdas.detach(), torch.full((3,), 0.1))
     adamw = build_optimizers(model, TrainConfig())[-1]
     assert any(p is model.bigram_embed.weight for g in adamw.param_groups for p in g["params"])
-    assert model.num_params(embeddings=False) == tiny().num_params(embeddings=False) + 3  # the table is an embedding
+    assert model.num_params(embeddings=False) == tiny(bigram_buckets=0).num_params(embeddings=False) + 3  # lambdas
     idx, before = torch.tensor([[3, 7, 7, 3]]), torch.tensor([[-1, 3, 7, 7]])
     rows = bigram_rows(idx, before, 31)
     assert rows[0, 0] == 30 and (rows[0, 1:] < 30).all()  # the first token has its own row

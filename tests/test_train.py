@@ -182,16 +182,16 @@ def test_resume_refuses_a_mismatched_checkpoint(trained_run, tmp_path, cache_dir
 
 
 def test_a_run_saved_under_older_defaults_resumes_with_its_own_settings(tmp_path, cache_dir):
-    """--resume with no other flags continues the run as it was started: its model (SwiGLU 1.5 -> 4.0, from a
-    config.json saved before the `mlp` switch existed) and its schedule (decay over the last 30%, no Muon weight
+    """--resume with no other flags continues the run as it was started: its model (SwiGLU 1.5 -> 4.0, no bigram
+    table, from a config.json saved before the `mlp` and `bigram_buckets` switches existed) and its schedule (decay over the last 30%, no Muon weight
     decay: the defaults before issue 29), not today's defaults; flags given with --resume still apply."""
     out = tmp_path / "old"
     old = ["--ffn_mult_first", "1.5", "--ffn_mult_last", "4.0", "--muon_weight_decay", "0", "--decay_frac", "0.3"]
-    first = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, *old, "--mlp", "swiglu", "--max_steps", 8,
-                       "--sample_tokens", 0, "--out_dir", out, "--cache_dir", cache_dir)
+    first = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, *old, "--mlp", "swiglu", "--bigram_buckets", 0,
+                       "--max_steps", 8, "--sample_tokens", 0, "--out_dir", out, "--cache_dir", cache_dir)
     assert first.returncode == 0, first.stderr
     config = json.loads((out / "config.json").read_text())
-    del config["model"]["mlp"]  # as a run saved before the switch existed wrote it
+    del config["model"]["mlp"], config["model"]["bigram_buckets"]  # as a run saved before the switches wrote it
     (out / "config.json").write_text(json.dumps(config))
     resumed = run_script("run_train.py", "--out_dir", out, "--resume", "--max_steps", 16, "--cache_dir", cache_dir)
     assert resumed.returncode == 0, resumed.stderr
@@ -199,6 +199,7 @@ def test_a_run_saved_under_older_defaults_resumes_with_its_own_settings(tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["step"] == 16 and config["train"]["max_steps"] == 16  # the flag given now applies
     assert (config["model"]["mlp"], config["model"]["ffn_mult_first"], config["model"]["d_model"]) == ("swiglu", 1.5, 64)
+    assert config["model"]["bigram_buckets"] == 0
     assert (config["train"]["decay_frac"], config["train"]["muon_weight_decay"]) == (0.3, 0.0)
     row = next(r for r in metrics(out) if r["step"] == 15)  # step 15's lr: set at 14 of 16 steps, in the decay
     assert row["lr_scale"] == pytest.approx(lr_multiplier(14 / 16, TrainConfig(decay_frac=0.3)))
