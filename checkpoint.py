@@ -66,12 +66,16 @@ def resumed_settings(model_cfg, train_cfg, given: dict) -> tuple:
     if not (train_cfg.resume and (Path(train_cfg.out_dir) / CONFIG).is_file()):
         return model_cfg, train_cfg
     saved = read_config(train_cfg.out_dir)
-    now = {f.name for f in dataclasses.fields(model_cfg)}
-    model_cfg = dataclasses.replace(saved["model"], **{k: v for k, v in given.items() if k in now})
-    now = {f.name for f in dataclasses.fields(train_cfg)}
-    train = {k: v for k, v in saved.get("train", {}).items() if k in now}  # a field since removed is dropped
-    given_train = {k: v for k, v in given.items() if k in now}
-    return model_cfg, dataclasses.replace(train_cfg, **{**train, "overwrite": False, **given_train})
+    model_fields = {f.name for f in dataclasses.fields(model_cfg)}
+    train_fields = {f.name for f in dataclasses.fields(train_cfg)}
+    train = {k: v for k, v in saved.get("train", {}).items() if k in train_fields}  # a field since removed is dropped
+    try:
+        model_cfg = dataclasses.replace(saved["model"], **{k: v for k, v in given.items() if k in model_fields})
+        return model_cfg, dataclasses.replace(train_cfg, **{**train, "overwrite": False,
+                                                            **{k: v for k, v in given.items() if k in train_fields}})
+    except ValueError as e:  # a saved value today's checks refuse
+        raise CheckpointError(f"{Path(train_cfg.out_dir) / CONFIG}: {first_line(e)}; give that field as a flag with "
+                              f"--resume, or start a new run")
 
 
 def load_model(out_dir, device="cpu", dtype=None) -> tuple:

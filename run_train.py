@@ -37,7 +37,7 @@ def train(argv=None):
     say = print if master else (lambda *a, **k: None)
     model_cfg, train_cfg, preset, given = parse_args(argv)
     model_cfg, train_cfg = checkpoint.resumed_settings(model_cfg, train_cfg, given)  # --resume: the run's own
-    say(preset_line(preset, given))
+    say(preset_line(preset, given, train_cfg))
     device, dtype, amp, scaler = trainer.setup(train_cfg, local_rank)  # also refuses to replace a run unasked
     out_dir = Path(train_cfg.out_dir)
     source, tokenizer, model_cfg, description = trainer.init_from(train_cfg, model_cfg, given)
@@ -114,7 +114,10 @@ def train(argv=None):
     parallel.cleanup()
 
 
-def preset_line(preset: str, given: dict) -> str:
+def preset_line(preset: str, given: dict, cfg) -> str:
+    saved = Path(cfg.out_dir) / checkpoint.CONFIG
+    if cfg.resume and saved.is_file():  # checkpoint.resumed_settings took them from there
+        return f"settings: the run's own ({saved}), with the flags given now on top"
     if "preset" in given:
         return f"preset: {preset}"
     why = "a CUDA GPU is visible" if preset == "t4" else "no CUDA GPU is visible"

@@ -196,6 +196,7 @@ def test_a_run_saved_under_older_defaults_resumes_with_its_own_settings(tmp_path
     resumed = run_script("run_train.py", "--out_dir", out, "--resume", "--max_steps", 16, "--cache_dir", cache_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out} at step 8" in resumed.stdout
+    assert f"settings: the run's own ({out / 'config.json'})" in resumed.stdout and "preset:" not in resumed.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["step"] == 16 and config["train"]["max_steps"] == 16  # the flag given now applies
     assert (config["model"]["mlp"], config["model"]["ffn_mult_first"], config["model"]["d_model"]) == ("swiglu", 1.5, 64)
@@ -204,6 +205,19 @@ def test_a_run_saved_under_older_defaults_resumes_with_its_own_settings(tmp_path
     row = next(r for r in metrics(out) if r["step"] == 15)  # step 15's lr: set at 14 of 16 steps, in the decay
     assert row["lr_scale"] == pytest.approx(lr_multiplier(14 / 16, TrainConfig(decay_frac=0.3)))
     assert row["lr_scale"] != pytest.approx(lr_multiplier(14 / 16, TrainConfig()))
+
+
+def test_a_saved_setting_that_todays_checks_refuse_is_one_line_on_resume(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    first = run_script("run_train.py", *TINY_MODEL, *TINY_DATA, *TINY_RUN, "--max_steps", 2, "--sample_tokens", 0,
+                       "--out_dir", out, "--cache_dir", cache_dir)
+    assert first.returncode == 0, first.stderr
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["warmup_frac"] = 2.0  # as if the check on it had tightened since the run was saved
+    (out / "config.json").write_text(json.dumps(config))
+    proc = run_script("run_train.py", "--out_dir", out, "--resume", "--cache_dir", cache_dir)
+    assert_one_line_error(proc, "config.json")
+    assert "warmup_frac" in proc.stderr
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, cache_dir):
