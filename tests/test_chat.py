@@ -23,20 +23,20 @@ def reply_alone(model, tokenizer, messages, max_new_tokens=48, **kwargs):
 
 def test_a_multi_turn_chat_over_a_pipe_keeps_the_history_until_reset(chat_run, chat_model):
     model, tokenizer = chat_model
-    first, second = "What is 12 + 9?", "What is 3 * 4?"
-    proc = run_script("inference.py", "--out_dir", chat_run, "--temperature", 0, "--max_new_tokens", 48, "--dtype",
+    first, second, n = "What is 12 + 9?", "What is 3 * 4?", 32  # n: short replies, so a history fits the context
+    proc = run_script("inference.py", "--out_dir", chat_run, "--temperature", 0, "--max_new_tokens", n, "--dtype",
                       "fp32", input=f"{first}\n{second}\n/reset\n{second}\nquit\nWhat is 1 + 1?\n")
     assert proc.returncode == 0, proc.stderr
     turns = proc.stdout.split("you> ")[1:]
     assert len(turns) == 3 and "1 + 1" not in proc.stdout and "<|im_end|>" not in proc.stdout
     # each reply is the model's reply to the conversation so far (the answers, not the steps, stay in it)
-    shown, _, answer = reply_alone(model, tokenizer, [{"role": "user", "content": first}])
+    shown, _, answer = reply_alone(model, tokenizer, [{"role": "user", "content": first}], n)
     assert turns[0] == f"{first}\nassistant>\n{shown}"
     history = [{"role": "user", "content": first}, {"role": "assistant", "content": answer},
                {"role": "user", "content": second}]
-    assert len(render_prompt(tokenizer, history)) <= 128 - 48  # the whole history fits beside the reply
-    assert turns[1] == f"{second}\nassistant>\n{reply_alone(model, tokenizer, history)[0]}"
-    assert turns[2] == f"{second}\nassistant>\n{reply_alone(model, tokenizer, history[2:])[0]}"  # after /reset
+    assert len(render_prompt(tokenizer, history)) <= 128 - n  # the whole history fits beside the reply
+    assert turns[1] == f"{second}\nassistant>\n{reply_alone(model, tokenizer, history, n)[0]}"
+    assert turns[2] == f"{second}\nassistant>\n{reply_alone(model, tokenizer, history[2:], n)[0]}"  # after /reset
     assert "(history cleared)" in proc.stderr
 
 
