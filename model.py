@@ -2,8 +2,8 @@
 
 Read top to bottom: RMSNorm, RoPE, the fused head + loss, the KV cache, Attention (fused QKV, GQA, QK-norm, gated
 output, gated value embeddings), MLP (SwiGLU or ReLU², pyramidal widths), Block (sandwich norm), Blueberry
-(embedding, bigram hash embedding, residual/x0 lambdas, blocks, head with an optional logit soft-cap, init). Every upgrade has a
-`ModelConfig` switch; with config.LLAMA_SWITCHES and equal ffn multipliers this is exactly
+(embedding, bigram hash embedding, residual/x0 lambdas, blocks, head with an optional logit soft-cap, init). Every
+upgrade has a `ModelConfig` switch; with config.LLAMA_SWITCHES and equal ffn multipliers this is exactly
 `transformers.LlamaForCausalLM` (llama.py maps the weights).
 """
 
@@ -459,7 +459,8 @@ class Blueberry(nn.Module):
         on = [name for name in ("embed_scale", "sandwich_norm", "qk_norm", "attn_gate", "zero_init", "depth_init",
                                 "tie_embeddings", "value_embeds", "resid_lambdas") if getattr(cfg, name)]
         on += [f"{cfg.mlp} MLP"] * (cfg.mlp != "swiglu") + [f"logit soft-cap {cfg.logit_softcap:g}"] * bool(cfg.logit_softcap)
+        on += [f"bigram table {cfg.bigram_buckets:,}"] * bool(cfg.bigram_buckets)
         return (f"Blueberry: {self.num_params() / 1e6:.2f}M params ({self.num_params(False) / 1e6:.2f}M without "
-                f"embeddings) | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / "
+                f"embeddings{' and the bigram table' * bool(cfg.bigram_buckets)}) | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads / "
                 f"{cfg.n_kv_heads} kv, context {cfg.max_seq_len}, vocab {cfg.vocab_size} | "
                 f"MLP widths {widths} | {', '.join(on) or 'plain Llama'}")

@@ -298,7 +298,8 @@ def test_bf16_autocast_forward_backward_on_cpu():
 
 def test_summary_mentions_sizes_and_widths():
     text = tiny().summary()
-    assert "params" in text and "without embeddings" in text and "[128, 192, 192]" in text
+    assert "params" in text and "without embeddings and the bigram table" in text and "[128, 192, 192]" in text
+    assert "bigram table 20,480" in text and "bigram" not in tiny(bigram_buckets=0).summary()
 
 
 @pytest.mark.parametrize("tied", [False, True])
