@@ -66,7 +66,7 @@ class CacheView:
         self.previous_token = previous_token
 
     def append(self, T: int) -> tuple:
-        past = self.cache.get_seq_length()
+        past = self.past = self.cache.get_seq_length()  # an int: previous_tokens reads it with no device sync
         check_length(past + T, self.max_len)
         slots = torch.arange(past, past + T, device=self.input_ids.device)
         return slots.expand(self.input_ids.size(0), T), past + T
@@ -76,7 +76,7 @@ class CacheView:
 
     def previous_tokens(self, idx, slots):
         """model.KVCache.previous_tokens: the token before each new one, -1 before a row's first real token."""
-        past = int(slots[0, 0])
+        past = self.past
         if past and self.previous_token is None:
             raise ValueError("this model (bigram_buckets) continues a cache only with previous_token=, the token "
                              "before the new input_ids (generate() passes it)")

@@ -405,3 +405,22 @@ def test_the_recipe_switches_export_with_their_own_code(tmp_path):
     report = hf_check(hf_dir, texts, tmp_path, trust=True)
     assert report["class"] == "BlueberryForCausalLM"
     check_same_model(report, model, tokenizer, texts)
+
+
+def test_a_bigram_model_continues_a_transformers_cache_only_with_the_token_before():
+    """generate() passes the token before the new ones; a forward pass by hand on a filled cache without it is
+    refused in one line instead of reading the wrong pair, and with it equals the whole sequence at once."""
+    from hf_model import BlueberryConfig, BlueberryForCausalLM, new_cache
+    cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, bigram_buckets=53)
+    torch.manual_seed(0)
+    model = BlueberryForCausalLM(BlueberryConfig(blueberry=cfg.__dict__)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        ids = torch.randint(0, 40, (2, 9))
+        cache = new_cache(model.config)
+        model(input_ids=ids[:, :8], cache=cache)
+        with pytest.raises(ValueError, match="previous_token"):
+            model(input_ids=ids[:, 8:], cache=copy.deepcopy(cache))
+        last = model(input_ids=ids[:, 8:], cache=cache, previous_token=ids[:, 7]).logits[:, -1]
+        torch.testing.assert_close(last, model(input_ids=ids, use_cache=False).logits[:, -1], rtol=1e-4, atol=1e-4)
